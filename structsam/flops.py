@@ -1,0 +1,100 @@
+"""Encoder FLOPs and matched-compute calibration.
+
+FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode``, which counts 2 FLOPs per
+multiply-add of matrix products and convolutions (not element-wise ops, norms or softmax). The
+merging overheads that are such products (the Sobel energy convolution, the reduced attention)
+are included; index bookkeeping (gather/scatter) costs no FLOPs in this count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import MergeError
+from .merge import get_method
+from .patch import merge_state, patch, unpatch
+from .predictor import model_prompts, model_spec
+from .transforms import prepare_image
+
+
+def default_images() -> list[np.ndarray]:
+    """Bundled calibration images: MNI152 T1 slices in three planes."""
+    from .samples import mni152_slice
+
+    return [mni152_slice(plane) for plane in ("axial", "coronal", "sagittal")]
+
+
+def encoder_flops(model, image=None, prompts: dict | None = None) -> int:
+    """FLOPs of one encoder forward on ``image`` (default: a bundled MRI slice).
+
+    ``prompts`` (image pixels) switch on prompt-aware merging for this count.
+    """
+    spec = model_spec(model)
+    if image is None:
+        image = default_images()[0]
+    device = next(model.parameters()).device
+    tensor, geometry = prepare_image(image, spec, device=device)
+    state = merge_state(model)
+    saved = state.prompts if state is not None else None
+    if state is not None and prompts:
+        state.prompts = model_prompts(prompts, geometry)
+    try:
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            model.image_encoder(tensor)
+    finally:
+        if state is not None:
+            state.prompts = saved
+    return int(counter.get_total_flops())
+
+
+def mean_reduction(model, images, prompts, dense: list[int]) -> float:
+    cuts = [1.0 - encoder_flops(model, im, pr) / d for im, pr, d in zip(images, prompts, dense)]
+    return float(np.mean(cuts))
+
+
+def calibrate(
+    model,
+    method: str = "structsam",
+    flops_reduction: float = 0.30,
+    images: Sequence[np.ndarray] | None = None,
+    prompts: Sequence[dict] | None = None,
+    tolerance: float = 0.01,
+    **options,
+) -> float:
+    """The rate whose mean encoder-FLOPs cut over ``images`` is ``flops_reduction`` ± tolerance.
+
+    Bisection over the rate (the FLOPs cut grows with the rate). The model is left patched
+    with ``method`` at the returned rate. Raises ``MergeError`` if the target is out of reach.
+    """
+    info = get_method(method)
+    images = list(images) if images is not None else default_images()
+    prompts = list(prompts) if prompts is not None else [None] * len(images)
+    if len(prompts) != len(images):
+        raise MergeError("give one prompt dict (or None) per calibration image")
+    unpatch(model)
+    dense = [encoder_flops(model, im) for im in images]
+
+    def cut(rate):
+        patch(model, method, rate, **options)
+        return mean_reduction(model, images, prompts, dense)
+
+    lo, hi = 0.0, info.max_rate
+    best_cut = cut(hi)
+    if best_cut < flops_reduction - tolerance:
+        unpatch(model)
+        raise MergeError(
+            f"{method} cannot cut encoder FLOPs by {flops_reduction:.0%}: at its largest rate "
+            f"({hi}) it cuts {best_cut:.1%}"
+        )
+    for _ in range(20):
+        mid = 0.5 * (lo + hi)
+        c = cut(mid)
+        if abs(c - flops_reduction) <= tolerance:
+            return mid
+        lo, hi = (mid, hi) if c < flops_reduction else (lo, mid)
+    patch(model, method, hi, **options)
+    return hi

@@ -1,0 +1,46 @@
+"""Merge methods: pure functions from block features to a merge plan.
+
+Each method takes ``(feat (B, H, W, C), grid, rate, protect, *, generator, **options)`` and
+returns ``(dst (B, N), protected (B, N))``: the token each token merges into (itself when kept)
+and the tokens it refused to merge. ``Plan.from_dst`` does the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .grid import Grid, prompt_mask
+from .plan import Plan
+from .structsam import structsam_merge
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    fn: Callable
+    max_rate: float  # largest removable fraction per merged block
+    prompt_aware: bool  # can protect prompt regions
+    rate_meaning: str
+
+
+METHODS: dict[str, MethodInfo] = {
+    "structsam": MethodInfo(
+        "structsam",
+        structsam_merge,
+        0.75,
+        True,
+        "fraction of tokens removed per merged stage, spent on the flattest 2x2 cells image-wide",
+    ),
+}
+
+
+def get_method(name: str) -> MethodInfo:
+    try:
+        return METHODS[name]
+    except KeyError:
+        valid = ", ".join(["none", *METHODS])
+        raise ValueError(f"unknown merge method {name!r}; choose one of: {valid}") from None
+
+
+__all__ = ["METHODS", "Grid", "MethodInfo", "Plan", "get_method", "prompt_mask"]

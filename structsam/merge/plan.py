@@ -1,0 +1,157 @@
+"""A merge plan: which tokens share one reduced token, and how to merge and recover them.
+
+Every method in ``structsam.merge`` returns ``dst`` of shape (B, N): the token each token merges
+into (itself when it is kept). ``Plan.from_dst`` turns that into flat index tensors, so merging is
+one ``index_add_`` (size-weighted mean) and recovery is one ``index_select``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .grid import Grid
+
+
+@dataclass
+class Plan:
+    grid: Grid
+    batch: int
+    group: torch.Tensor  # (B*N,) reduced index of every token
+    rep: torch.Tensor  # (M,) flat token index (b*N + pos) of each reduced token's representative
+    size: torch.Tensor  # (M,) float, tokens per reduced token
+    src: torch.Tensor  # (S,) flat index of every merged-away token
+    src_group: torch.Tensor  # (S,) its reduced index
+    protected: torch.Tensor | None = None  # (B, H, W) bool, tokens the method refused to merge
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dst(cls, dst: torch.Tensor, grid: Grid, protected: torch.Tensor | None = None):
+        """Build from (B, N) destinations. A destination must itself be kept (dst[d] == d)."""
+        b, n = dst.shape
+        offs = torch.arange(b, device=dst.device)[:, None] * n
+        flat_dst = (dst + offs).reshape(-1)
+        kept = flat_dst == torch.arange(b * n, device=dst.device)
+        rank = torch.cumsum(kept, 0) - 1
+        group = rank[flat_dst]
+        rep = torch.nonzero(kept).squeeze(1)
+        size = torch.bincount(group, minlength=rep.numel()).to(torch.float32)
+        src = torch.nonzero(~kept).squeeze(1)
+        return cls(grid, b, group, rep, size, src, group[src], protected)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.group.numel()
+
+    @property
+    def n_reduced(self) -> int:
+        return self.rep.numel()
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (M, C): the mean of each group."""
+        c = x.shape[-1]
+        flat = x.reshape(-1, c)
+        # start from the representatives and add only the merged-away tokens: fewer writes
+        out = flat.index_select(0, self.rep)
+        if self.src.numel():
+            out.index_add_(0, self.src_group, flat.index_select(0, self.src))
+            out.mul_(self.inv_size.to(x.dtype)[:, None])
+        return out
+
+    @property
+    def inv_size(self) -> torch.Tensor:
+        if "inv_size" not in self._cache:
+            self._cache["inv_size"] = 1.0 / self.size
+        return self._cache["inv_size"]
+
+    def unmerge(self, y: torch.Tensor) -> torch.Tensor:
+        """(M, C) -> (B, N, C): every token takes its group's value (explicit recovery)."""
+        return y.index_select(0, self.group).view(self.batch, self.grid.n, -1)
+
+    def merge_map(self) -> torch.Tensor:
+        """(B, H, W) reduced-token id of every token, numbered per image from 0."""
+        g = self.group.view(self.batch, -1)
+        first = g[:, :1]
+        return (g - first).view(self.batch, self.grid.height, self.grid.width)
+
+    def packing(self) -> dict:
+        """Per-window layout of the reduced tokens for windowed attention (cached).
+
+        Keys: ``n_slots`` (window slots), ``query_index`` (M,) slot of every reduced token in a
+        (B*n_windows*n_slots) buffer, ``key_valid`` (B*nW, n_slots) bool, ``pos`` (B*nW, n_slots)
+        local position inside the window (padding slots included), ``log_size`` (B*nW, n_slots).
+        Padding tokens of the window layout follow the real tokens of their window as keys; their
+        slots are flagged in ``pad_slot`` (B*nW, n_slots) bool.
+        """
+        if "n_slots" in self._cache:
+            return self._cache
+        g = self.grid
+        dev = self.rep.device
+        rep_pos = self.rep % g.n
+        rep_img = self.rep // g.n
+        win = rep_img * g.n_windows + g.window_id[rep_pos]  # (M,)
+        n_win_total = self.batch * g.n_windows
+        counts = torch.bincount(win, minlength=n_win_total)
+        # rep is sorted by flat token index; a stable sort by window keeps raster order inside.
+        order = torch.argsort(win, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.empty_like(win)
+        slot[order] = torch.arange(win.numel(), device=dev) - starts[win[order]]
+
+        pad_win, pad_pos = g.pad_local_pos
+        pad_counts = torch.bincount(pad_win, minlength=g.n_windows).repeat(self.batch)
+        n_slots = int((counts + pad_counts).max())
+        query_index = win * n_slots + slot
+
+        pos = torch.zeros(n_win_total * n_slots, dtype=torch.long, device=dev)
+        pos[query_index] = g.local_pos[rep_pos]
+        valid = torch.zeros(n_win_total * n_slots, dtype=torch.bool, device=dev)
+        valid[query_index] = True
+        log_size = torch.zeros(n_win_total * n_slots, device=dev)
+        log_size[query_index] = torch.log(self.size)
+        pad_slot = torch.zeros(n_win_total * n_slots, dtype=torch.bool, device=dev)
+        if pad_win.numel():
+            # padding keys go after the window's real tokens
+            pw = (torch.arange(self.batch, device=dev)[:, None] * g.n_windows + pad_win).reshape(-1)
+            pp = pad_pos.repeat(self.batch)
+            order_p = torch.argsort(pw, stable=True)
+            pw, pp = pw[order_p], pp[order_p]
+            pstart = torch.cumsum(pad_counts, 0) - pad_counts
+            pslot = counts[pw] + torch.arange(pw.numel(), device=dev) - pstart[pw]
+            pidx = pw * n_slots + pslot
+            pos[pidx] = pp
+            valid[pidx] = True
+            pad_slot[pidx] = True
+        shape = (n_win_total, n_slots)
+        self._cache.update(
+            {
+                "n_slots": n_slots,
+                "query_index": query_index,
+                "key_valid": valid.view(shape),
+                "pos": pos.view(shape),
+                "log_size": log_size.view(shape),
+                "pad_slot": pad_slot.view(shape),
+                "has_pad": bool(pad_win.numel()),
+            }
+        )
+        return self._cache
+
+    def bias_index(self, heads: int, table_n: int) -> torch.Tensor:
+        """Flat index (W*heads*S*S,) into a (heads, table_n, table_n) position-bias table."""
+        key = ("bias_index", heads, table_n)
+        if key not in self._cache:
+            pos = self.packing()["pos"]
+            pair = pos[:, None, :, None] * table_n + pos[:, None, None, :]
+            head = torch.arange(heads, device=pos.device)[None, :, None, None] * table_n**2
+            # int32 makes index_select about twice as fast as int64 on CPU
+            self._cache[key] = (pair + head).to(torch.int32).view(-1)
+        return self._cache[key]
+
+    def key_bias(self) -> torch.Tensor:
+        """(W, 1, 1, S) log group size for real keys, -inf for empty slots (cached)."""
+        if "key_bias" not in self._cache:
+            pk = self.packing()
+            kb = pk["log_size"].masked_fill(~pk["key_valid"], float("-inf"))
+            self._cache["key_bias"] = kb[:, None, None, :]
+        return self._cache["key_bias"]

@@ -1,0 +1,167 @@
+"""The merge -> compute -> unmerge engine shared by every encoder family.
+
+A ``MergeState`` lives on the patched image encoder. At each encoder forward it forgets the old
+plans; the first merged block of a stage asks the method for an assignment on that block's input
+and every later block of the stage reuses it (selection once per stage keeps its cost far below
+what merging saves). Blocks run their attention and MLP on the reduced tokens and add each
+group's update back to every member token, so the output keeps its full grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import MergeError
+from ..merge import Grid, MethodInfo, Plan, prompt_mask
+
+
+@dataclass
+class BlockMergeInfo:
+    """What one merged block did, for diagnostics and overlays (arrays are for image 0)."""
+
+    block: int
+    stage: int
+    grid_shape: tuple[int, int]
+    window: int | None
+    plan: Plan
+
+    @property
+    def tokens_before(self) -> int:
+        return self.plan.grid.n
+
+    @property
+    def tokens_after(self) -> int:
+        return int((self.plan.rep < self.plan.grid.n).sum())
+
+    @property
+    def merge_map(self) -> np.ndarray:
+        """(H, W) int: reduced-token id of each token; members of a group share an id."""
+        return self.plan.merge_map()[0].cpu().numpy()
+
+    @property
+    def protected(self) -> np.ndarray:
+        """(H, W) bool: tokens in cells the method protected (boundaries, prompt regions)."""
+        p = self.plan.protected
+        if p is None:
+            return np.zeros(self.grid_shape, dtype=bool)
+        return p[0].view(self.grid_shape).cpu().numpy()
+
+
+class MergeState:
+    """Configuration of one patch plus the per-forward plans and diagnostics."""
+
+    def __init__(
+        self,
+        method: MethodInfo,
+        rates: dict[int, float],
+        stages: dict[int, int],
+        stage_windows: dict[int, int | None],
+        input_size: int,
+        options: dict,
+        prompts: dict | None = None,
+        seed: int = 0,
+    ):
+        self.method = method
+        self.rates = rates
+        self.stages = stages
+        self.stage_windows = stage_windows
+        self.input_size = input_size
+        self.options = dict(options)
+        self.prompt_margin = float(self.options.pop("prompt_margin", 2.0))
+        self.point_radius = float(self.options.pop("point_radius", 3.0))
+        self.prompts = prompts
+        self.seed = seed
+        self.info: list[BlockMergeInfo] = []
+        self._assign: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._plans: dict[tuple[int, int | None], Plan] = {}
+
+    def begin_forward(self) -> None:
+        self.info = []
+        self._assign.clear()
+        self._plans.clear()
+
+    def plan_for(
+        self, block: int, x: torch.Tensor, height: int, width: int, window: int | None
+    ) -> Plan | None:
+        """The plan for ``block`` (None: run it dense). ``x`` is the (B, N, C) block input."""
+        rate = self.rates.get(block, 0.0)
+        if rate <= 0:
+            return None
+        stage = self.stages[block]
+        if stage not in self._assign:
+            grid = Grid(height, width, self.stage_windows[stage], device=x.device)
+            protect = None
+            if self.prompts:
+                protect = prompt_mask(
+                    grid, self.input_size, self.prompts, self.prompt_margin, self.point_radius
+                )
+            gen = torch.Generator(device=x.device).manual_seed(self.seed + block)
+            feat = x.detach().view(x.shape[0], height, width, -1)
+            dst, protected = self.method.fn(
+                feat, grid, rate, protect, generator=gen, **self.options
+            )
+            self._assign[stage] = (dst, protected)
+        key = (stage, window)
+        if key not in self._plans:
+            dst, protected = self._assign[stage]
+            grid = Grid(height, width, window, device=x.device)
+            self._plans[key] = Plan.from_dst(dst, grid, protected.view(-1, height, width))
+        plan = self._plans[key]
+        self.info.append(BlockMergeInfo(block, stage, (height, width), window, plan))
+        return plan
+
+
+def pack(t: torch.Tensor, packing: dict, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """(M, heads, d) reduced tokens -> (W, heads, S, d) window slots (padding keys = ``fill``)."""
+    n_win, n_slots = packing["key_valid"].shape
+    out = t.new_zeros(n_win * n_slots, *t.shape[1:])
+    if fill is not None and packing["has_pad"]:
+        out[packing["pad_slot"].view(-1)] = fill.to(t.dtype)
+    out.index_copy_(0, packing["query_index"], t)
+    return out.view(n_win, n_slots, *t.shape[1:]).transpose(1, 2)
+
+
+def unpack(t: torch.Tensor, packing: dict) -> torch.Tensor:
+    """(W, heads, S, d) -> (M, heads, d), real query slots only."""
+    w, h, s, d = t.shape
+    return t.transpose(1, 2).reshape(w * s, h, d).index_select(0, packing["query_index"])
+
+
+def reduced_attention(qkv, splits, plan: Plan, scale: float, bias_fn, pad_qkv=None):
+    """Windowed softmax attention among reduced tokens, (M, heads, dq+dk+dv) -> (M, heads, dv).
+
+    Each reduced token attends to the reduced tokens of its window, with its representative's
+    position for position biases and ToMe's proportional attention (log group size added to the
+    key logits), which is exact when a group's tokens are identical. Zero-padding tokens of the
+    window layout are appended as keys, as the dense block sees them. ``bias_fn(q, plan)``
+    returns a fresh (W, heads, S, S) position bias for the packed queries ``q``.
+    """
+    pk = plan.packing()
+    packed = pack(qkv, pk, pad_qkv)  # one copy for q, k and v together
+    q, k, v = packed.split(splits, dim=-1)
+    w, h, s, _ = q.shape
+    bias = bias_fn(q, plan)
+    bias = bias.add_(plan.key_bias()) if bias.shape == (w, h, s, s) else bias + plan.key_bias()
+    attn = torch.baddbmm(
+        bias.reshape(w * h, s, s),
+        q.reshape(w * h, s, -1),
+        k.reshape(w * h, s, -1).transpose(1, 2),
+        alpha=scale,
+    )
+    out = attn.softmax(dim=-1) @ v.reshape(w * h, s, -1)
+    return unpack(out.view(w, h, s, -1), pk)
+
+
+def check_rate(rate: float, method: MethodInfo) -> float:
+    rate = float(rate)
+    if not 0.0 <= rate < 1.0:
+        raise MergeError(f"merge rate must be in [0, 1), got {rate}")
+    if rate > method.max_rate:
+        raise MergeError(
+            f"method {method.name!r} removes at most {method.max_rate:.0%} of a block's tokens; "
+            f"rate {rate} is out of reach"
+        )
+    return rate

@@ -1,0 +1,74 @@
+"""Token merging inside TinyViT blocks (LiteMedSAM's image encoder).
+
+A TinyViT block is: windowed attention with learned attention biases (residual), a depthwise
+3x3 "local conv" on the full grid, then an MLP (residual). Measured on LiteMedSAM, attention
+projections and MLPs are most of the FLOPs while the depthwise conv is cheap, so the block runs
+attention and MLP on the reduced tokens and keeps the conv at full resolution: every token gets
+its own input plus its group's update, and the conv sees the true grid.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .engine import reduced_attention
+
+
+def iter_blocks(encoder):
+    """(block_index, stage_index, block) for every attention block of a TinyViT encoder."""
+    index = 0
+    for stage, layer in enumerate(encoder.layers):
+        for blk in layer.blocks:
+            if hasattr(blk, "attn"):
+                yield index, stage, blk
+                index += 1
+
+
+def is_tinyvit(encoder) -> bool:
+    return type(encoder).__name__ == "TinyViT" and hasattr(encoder, "layers")
+
+
+def _tinyvit_bias(attn):
+    """Position bias for packed slots, gathered from the block's learned offset table."""
+    table = (
+        attn.ab
+        if hasattr(attn, "ab") and not attn.training
+        else (attn.attention_biases[:, attn.attention_bias_idxs])
+    )
+
+    def bias(q, plan):
+        heads, n = table.shape[0], table.shape[1]
+        w, _, s, _ = q.shape
+        return table.reshape(-1).index_select(0, plan.bias_index(heads, n)).view(w, heads, s, s)
+
+    return bias
+
+
+def merged_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """TinyViTBlock.forward with attention and MLP on the reduced tokens."""
+    state = self._structsam_state
+    h, w = self.input_resolution
+    window = None if (h == self.window_size and w == self.window_size) else self.window_size
+    plan = state.plan_for(self._structsam_index, x, h, w, window)
+    if plan is None:
+        return self._structsam_dense_forward(x)
+    b, n, c = x.shape
+    attn = self.attn
+    heads = attn.num_heads
+
+    xr = plan.merge(x)
+    qkv = attn.qkv(attn.norm(xr)).view(-1, heads, 2 * attn.key_dim + attn.d)
+    pad = None
+    if plan.packing()["has_pad"]:
+        # zero padding passes through the attention's LayerNorm, so its keys are constant
+        pad = attn.qkv(attn.norm(x.new_zeros(1, c))).view(heads, -1)
+    splits = [attn.key_dim, attn.key_dim, attn.d]
+    o = reduced_attention(qkv, splits, plan, attn.scale, _tinyvit_bias(attn), pad)
+    o = attn.proj(o.reshape(-1, attn.dh))
+    x = x + self.drop_path(plan.unmerge(o))
+
+    x = x.transpose(1, 2).reshape(b, c, h, w)
+    x = self.local_conv(x)
+    x = x.view(b, c, n).transpose(1, 2)
+
+    return x + self.drop_path(plan.unmerge(self.mlp(plan.merge(x))))
