@@ -52,7 +52,8 @@ def encoder_flops(model, image=None, prompts: dict | None = None) -> int:
 
 
 def mean_reduction(model, images, prompts, dense: list[int]) -> float:
-    cuts = [1.0 - encoder_flops(model, im, pr) / d for im, pr, d in zip(images, prompts, dense)]
+    triples = zip(images, prompts, dense, strict=True)
+    cuts = [1.0 - encoder_flops(model, im, pr) / d for im, pr, d in triples]
     return float(np.mean(cuts))
 
 

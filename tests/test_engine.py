@@ -1,0 +1,189 @@
+"""The merge -> compute -> unmerge engine on real LiteMedSAM (TinyViT) and a small SAM ViT."""
+
+import numpy as np
+import pytest
+import torch
+
+import structsam.merge as merge
+from structsam.errors import MergeError
+from structsam.patch import merge_state, patch, unpatch
+
+
+@pytest.fixture()
+def identity_method():
+    """A method that merges nothing: every token is its own group, through the merged path."""
+
+    def identity(feat, grid, rate, protect, generator=None):
+        b = feat.shape[0]
+        idx = torch.arange(grid.n).expand(b, -1)
+        return idx, torch.ones(b, grid.n, dtype=torch.bool)
+
+    merge.METHODS["identity"] = merge.MethodInfo("identity", identity, 0.9, True, "none")
+    yield "identity"
+    del merge.METHODS["identity"]
+
+
+def _image(size=256, seed=0):
+    from skimage.data import shepp_logan_phantom
+    from skimage.transform import resize
+
+    img = resize(shepp_logan_phantom(), (size, size), order=1)
+    x = torch.from_numpy(np.stack([img] * 3)).float()[None]
+    return (x - x.min()) / (x.max() - x.min())
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return _image()
+
+
+def _run(encoder, x):
+    with torch.inference_mode():
+        return encoder(x)
+
+
+def test_rate_zero_is_identical(litemedsam, phantom):
+    enc = litemedsam.image_encoder
+    ref = _run(enc, phantom)
+    patch(litemedsam, "structsam", 0.0)
+    try:
+        assert torch.equal(_run(enc, phantom), ref)
+        assert merge_state(litemedsam).info == []
+    finally:
+        unpatch(litemedsam)
+
+
+def test_identity_plan_reproduces_tinyvit(litemedsam, phantom, identity_method):
+    # every block through the reduced path with nothing merged: checks the packed windowed
+    # attention, the learned attention biases, the padding keys and the recovery
+    enc = litemedsam.image_encoder
+    ref = _run(enc, phantom)
+    patch(litemedsam, identity_method, 0.5)
+    try:
+        out = _run(enc, phantom)
+        assert len(merge_state(litemedsam).info) == 10
+    finally:
+        unpatch(litemedsam)
+    assert (out - ref).abs().max().item() < 1e-4
+
+
+def test_identity_plan_reproduces_sam_vit(small_vit, identity_method):
+    # windowed blocks with padding (16 tokens, window 6) and global blocks with relative positions
+    x = torch.randn(1, 3, 256, 256)
+    ref = _run(small_vit, x)
+    patch(small_vit, identity_method, 0.5)
+    try:
+        out = _run(small_vit, x)
+        windows = [i.window for i in merge_state(small_vit).info]
+    finally:
+        unpatch(small_vit)
+    assert windows == [6, None, 6, None]
+    assert (out - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.4, 0.7])
+def test_full_resolution_and_counts_tinyvit(litemedsam, phantom, rate):
+    enc = litemedsam.image_encoder
+    ref = _run(enc, phantom)
+    patch(litemedsam, "structsam", rate)
+    try:
+        out = _run(enc, phantom)
+        info = merge_state(litemedsam).info
+    finally:
+        unpatch(litemedsam)
+    assert out.shape == ref.shape == (1, 256, 64, 64)
+    assert torch.isfinite(out).all()
+    assert [i.block for i in info] == list(range(10))
+    for i in info:
+        mmap = i.merge_map
+        assert mmap.shape == i.grid_shape
+        # the merge map has exactly one id per kept token
+        assert len(np.unique(mmap)) == i.tokens_after
+        removed = 1 - i.tokens_after / i.tokens_before
+        # at most one token per 2x2 cell survives (cells are cut short at window edges)
+        grid = merge.Grid(*i.grid_shape, i.plan.grid.window or None)
+        capacity = 1 - int((grid.cell_count > 0).sum()) / grid.n
+        assert removed <= rate + 1e-3
+        assert removed >= min(rate, capacity) - 0.02
+        # protected tokens are never merged: their ids are unique
+        ids, counts = np.unique(mmap, return_counts=True)
+        sizes = dict(zip(ids, counts, strict=True))
+        assert all(sizes[g] == 1 for g in mmap[i.protected])
+        # a group never spans two windows
+        h, w = i.grid_shape
+        win = i.window or max(h, w)
+        wid = (np.arange(h)[:, None] // win) * 100 + np.arange(w)[None] // win
+        for g in ids[counts > 1][:50]:
+            assert len(np.unique(wid[mmap == g])) == 1
+
+
+def test_sam_vit_merges_every_block(small_vit):
+    x = torch.randn(1, 3, 256, 256)
+    ref = _run(small_vit, x)
+    patch(small_vit, "structsam", 0.5)
+    try:
+        out = _run(small_vit, x)
+        info = merge_state(small_vit).info
+    finally:
+        unpatch(small_vit)
+    assert out.shape == ref.shape
+    assert [i.tokens_after for i in info] == [128] * 4
+    # one assignment per stage (up to a global block): blocks 0 and 1 share their groups
+    assert np.array_equal(info[0].merge_map, info[1].merge_map)
+
+
+def test_prompt_region_is_protected(litemedsam, phantom):
+    box = np.array([100.0, 90.0, 160.0, 170.0])  # model-input pixels (256 x 256)
+    patch(litemedsam, "structsam", 0.6, prompts={"box": box})
+    try:
+        _run(litemedsam.image_encoder, phantom)
+        info = merge_state(litemedsam).info
+    finally:
+        unpatch(litemedsam)
+    for i in info:
+        h, w = i.grid_shape
+        s = h / 256
+        y0, y1 = int(box[1] * s) + 1, int(box[3] * s) - 1
+        x0, x1 = int(box[0] * s) + 1, int(box[2] * s) - 1
+        inside = i.protected[y0:y1, x0:x1]
+        assert inside.all()
+        mmap = i.merge_map
+        _, counts = np.unique(mmap, return_counts=True)
+        assert len(counts) == i.tokens_after
+
+
+def test_unpatch_restores_model(litemedsam, phantom):
+    enc = litemedsam.image_encoder
+    classes = [type(m) for m in enc.modules()]
+    ref = _run(enc, phantom)
+    patch(litemedsam, "structsam", 0.5)
+    patch(litemedsam, "structsam", 0.3)  # patching twice replaces the first patch
+    assert merge_state(litemedsam).rates[0] == 0.3
+    unpatch(litemedsam)
+    assert [type(m) for m in enc.modules()] == classes
+    assert not any(hasattr(m, "_structsam_state") for m in enc.modules())
+    assert torch.equal(_run(enc, phantom), ref)
+
+
+def test_bad_settings_raise_clear_errors(litemedsam):
+    with pytest.raises(MergeError, match="rate must be in"):
+        patch(litemedsam, "structsam", 1.2)
+    with pytest.raises(MergeError, match="at most 75%"):
+        patch(litemedsam, "structsam", 0.9)
+    with pytest.raises(ValueError, match="unknown merge method 'nope'"):
+        patch(litemedsam, "nope", 0.3)
+    with pytest.raises(MergeError, match="do not exist"):
+        patch(litemedsam, "structsam", 0.3, blocks=[42])
+    unpatch(litemedsam)
+
+
+def test_schedule_and_block_choice(litemedsam, phantom):
+    patch(litemedsam, "structsam", {2: 0.5, 3: 0.25}, blocks=[2, 3])
+    try:
+        _run(litemedsam.image_encoder, phantom)
+        info = merge_state(litemedsam).info
+    finally:
+        unpatch(litemedsam)
+    # blocks 2 and 3 share a stage: the assignment is decided once, at block 2's rate
+    assert [i.block for i in info] == [2, 3]
+    assert info[0].tokens_after == info[1].tokens_after == 2048

@@ -1,0 +1,81 @@
+"""The StructSAM selection rule on hand-built feature maps."""
+
+import torch
+
+from structsam.merge import Grid, Plan
+from structsam.merge.energy import token_energy
+from structsam.merge.structsam import structsam_merge
+
+
+def _step_features(h=8, w=8, c=16, edge_col=4):
+    """Two flat halves with a vertical edge between columns edge_col-1 and edge_col."""
+    torch.manual_seed(0)
+    a, b = torch.randn(c), torch.randn(c)
+    feat = torch.empty(1, h, w, c)
+    feat[:, :, :edge_col] = a
+    feat[:, :, edge_col:] = b
+    return feat
+
+
+def test_energy_is_high_at_the_edge_and_zero_in_flat_parts():
+    e = token_energy(_step_features())[0]
+    assert torch.all(e[:, [0, 1, 6, 7]] < 1e-5)
+    assert torch.all(e[:, [3, 4]] > 0.1)
+
+
+def test_edge_cells_are_protected_and_flat_cells_merged():
+    feat = _step_features(edge_col=5)  # edge inside the cells of columns 4-5
+    grid = Grid(8, 8, None)
+    dst, protected = structsam_merge(feat, grid, rate=0.5)
+    dst, protected = dst[0].view(8, 8), protected[0].view(8, 8)
+    # columns 4-5 hold the edge (energy at 4 and 5): their cells are protected, never merged
+    assert protected[:, 4:6].all()
+    idx = torch.arange(64).view(8, 8)
+    assert torch.equal(dst[:, 4:6], idx[:, 4:6])
+    # 0.5 * 64 = 32 tokens removed, 3 per flat 2x2 cell, from the flat cells only
+    assert int((dst != idx).sum()) == 32
+
+
+def test_destination_is_the_lowest_energy_token_of_its_cell():
+    torch.manual_seed(1)
+    feat = torch.randn(1, 4, 4, 8) * 0.01
+    feat[0, 0, 0] += 5.0  # a spike: high energy around (0, 0)
+    grid = Grid(4, 4, None)
+    dst, _ = structsam_merge(feat, grid, rate=0.75)
+    e = token_energy(feat)[0].reshape(-1)
+    for cell in range(grid.n_cells):
+        members = torch.nonzero(grid.cell_id == cell).squeeze(1)
+        targets = dst[0, members].unique()
+        if len(targets) == 1 and (dst[0, members] != members).any():
+            assert e[targets[0]] == e[members].min()
+
+
+def test_prompt_protection_wins_over_flatness():
+    feat = torch.zeros(1, 8, 8, 4)  # perfectly flat
+    grid = Grid(8, 8, None)
+    protect = torch.zeros(8, 8, dtype=torch.bool)
+    protect[2:4, 2:4] = True
+    dst, protected = structsam_merge(feat, grid, rate=0.75, protect=protect)
+    idx = torch.arange(64).view(8, 8)
+    assert torch.equal(dst[0].view(8, 8)[2:4, 2:4], idx[2:4, 2:4])
+    assert protected[0].view(8, 8)[2:4, 2:4].all()
+
+
+def test_cells_stop_at_window_edges():
+    grid = Grid(14, 14, window=7)  # 7 is odd: the last cell of each window is one token wide
+    cid = grid.cell_id.view(14, 14)
+    assert cid[0, 6] != cid[0, 7]  # columns 6 and 7 are in different windows
+    assert cid[0, 4] == cid[0, 5]
+    assert int(grid.cell_count.max()) == 4 and int(grid.cell_count.min()) == 1
+
+
+def test_plan_merge_is_the_group_mean_and_unmerge_recovers():
+    grid = Grid(2, 2, None)
+    dst = torch.tensor([[1, 1, 2, 1]])  # tokens 0 and 3 merge into 1, token 2 alone
+    plan = Plan.from_dst(dst, grid)
+    x = torch.tensor([[[1.0], [2.0], [10.0], [6.0]]])
+    xr = plan.merge(x)
+    assert torch.allclose(xr[:, 0], torch.tensor([3.0, 10.0]))
+    assert torch.equal(plan.size, torch.tensor([3.0, 1.0]))
+    back = plan.unmerge(xr)
+    assert torch.allclose(back[0, :, 0], torch.tensor([3.0, 3.0, 10.0, 3.0]))
