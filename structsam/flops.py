@@ -68,7 +68,7 @@ def calibrate(
 ) -> float:
     """The rate whose mean encoder-FLOPs cut over ``images`` is ``flops_reduction`` ± tolerance.
 
-    Bisection over the rate (the FLOPs cut grows with the rate). The model is left patched
+    The model is left patched
     with ``method`` at the returned rate. Raises ``MergeError`` if the target is out of reach.
     """
     info = get_method(method)
@@ -83,19 +83,30 @@ def calibrate(
         patch(model, method, rate, **options)
         return mean_reduction(model, images, prompts, dense)
 
+    # the cut grows about linearly with the rate: regula falsi converges in a few steps
     lo, hi = 0.0, info.max_rate
-    best_cut = cut(hi)
-    if best_cut < flops_reduction - tolerance:
+    c_lo, c_hi = 0.0, cut(hi)
+    if c_hi < flops_reduction - tolerance:
         unpatch(model)
         raise MergeError(
             f"{method} cannot cut encoder FLOPs by {flops_reduction:.0%}: at its largest rate "
-            f"({hi}) it cuts {best_cut:.1%}"
+            f"({hi}) it cuts {c_hi:.1%}"
         )
-    for _ in range(20):
-        mid = 0.5 * (lo + hi)
+    if abs(c_hi - flops_reduction) <= tolerance:
+        return hi
+    side = 0
+    for _ in range(25):
+        mid = hi - (c_hi - flops_reduction) * (hi - lo) / (c_hi - c_lo)
+        mid = min(max(mid, lo + 1e-4), hi - 1e-4)
         c = cut(mid)
         if abs(c - flops_reduction) <= tolerance:
             return mid
-        lo, hi = (mid, hi) if c < flops_reduction else (lo, mid)
-    patch(model, method, hi, **options)
-    return hi
+        if c < flops_reduction:
+            lo, c_lo = mid, c
+            c_hi = c_hi / 2 + flops_reduction / 2 if side == -1 else c_hi  # Illinois step
+            side = -1
+        else:
+            hi, c_hi = mid, c
+            c_lo = c_lo / 2 + flops_reduction / 2 if side == 1 else c_lo
+            side = 1
+    raise MergeError(f"calibration of {method} did not converge near {flops_reduction:.0%}")

@@ -1,0 +1,181 @@
+"""Command line: ``structsam segment`` and ``structsam info``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import StructSAMError
+
+SAMPLES = {
+    "sample:mri": "MNI152 T1 volume bundled in nilearn (use --slice, default the middle)",
+    "sample:lesion": "an MNI152 slice with a simulated lesion and its ground-truth box",
+}
+
+
+def _load_input(args):
+    """-> (image 2D/RGB, reference for writing NIfTI or None, ground truth or None, box)."""
+    from . import io, samples
+
+    if args.image == "sample:lesion":
+        case = samples.lesion_cases(n_lesions=3)[0]
+        return case.image, None, case.mask, case.box
+    if args.image == "sample:mri":
+        vol, _ = samples.mni152_volume()
+        z = vol.shape[0] // 2 if args.slice is None else args.slice
+        if not 0 <= z < vol.shape[0]:
+            raise StructSAMError(f"--slice {z} is outside the volume's 0..{vol.shape[0] - 1}")
+        return vol[z], None, None, None
+    path = Path(args.image)
+    image, meta = io.read_image(path, slice_index=args.slice)
+    reference = path if meta.get("format") in ("nii", "nii.gz") else None
+    return image, reference, None, None
+
+
+def cmd_segment(args) -> int:
+    import structsam
+
+    from . import io
+    from .metrics import dice
+    from .vis import merge_overlay, save_png
+
+    image, reference, truth, sample_box = _load_input(args)
+    box = np.array(args.box, float) if args.box else None
+    if box is None and not args.point and sample_box is not None:
+        box = sample_box
+    points = labels = None
+    if args.point or args.negative:
+        pos = [tuple(p) for p in (args.point or [])]
+        neg = [tuple(p) for p in (args.negative or [])]
+        points = np.array(pos + neg, float)
+        labels = np.array([1] * len(pos) + [0] * len(neg))
+    if box is None and points is None:
+        raise StructSAMError("give a prompt: --box X0 Y0 X1 Y1 or --point X Y")
+
+    model = structsam.load_model(args.model, checkpoint=args.checkpoint, device=args.device)
+    if args.method != "none" and args.rate > 0:
+        structsam.patch(model, args.method, args.rate)
+    predictor = structsam.Predictor(model)
+    prompts = None
+    if args.prompt_aware:
+        prompts = {"box": box, "point_coords": points, "point_labels": labels}
+        prompts = {k: v for k, v in prompts.items() if v is not None}
+    window = tuple(args.window) if args.window else None
+    predictor.set_image(image, window=window, prompts=prompts)
+    masks, scores, _ = predictor.predict(point_coords=points, point_labels=labels, box=box)
+    mask = masks[0]
+    io.write_mask(args.out, mask, reference=reference, slice_index=args.slice)
+    kept = [f"{i.tokens_after}/{i.tokens_before}" for i in predictor.merge_info]
+    print(f"mask: {int(mask.sum())} pixels -> {args.out} (score {scores[0]:.3f})")
+    print(f"encoder: {predictor.encode_seconds:.2f} s, tokens kept per block: {kept or 'all'}")
+    if truth is not None:
+        print(f"Dice against the sample's ground truth: {dice(mask, truth):.3f}")
+    if args.merge_map:
+        if not predictor.merge_info:
+            raise StructSAMError("--merge-map needs merging: pass --method and --rate > 0")
+        info = predictor.merge_info[min(args.block, len(predictor.merge_info) - 1)]
+        mmap = predictor.map_to_image(info.merge_map)
+        prot = predictor.map_to_image(info.protected.astype(np.uint8)).astype(bool)
+        save_png(args.merge_map, merge_overlay(image, mmap, prot, mask))
+        print(f"merge map of block {info.block} -> {args.merge_map}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    from .merge import METHODS
+    from .models import MODELS
+
+    print("models:")
+    for name, spec in MODELS.items():
+        print(f"  {name:<11} {spec.description}")
+    print("methods:")
+    print(f"  {'none':<11} the unmerged encoder")
+    for name, m in METHODS.items():
+        print(f"  {name:<11} rate = {m.rate_meaning} (max {m.max_rate})")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        devices.append("mps")
+    print("devices: " + ", ".join(devices))
+    print("samples: " + ", ".join(f"{k} ({v})" for k, v in SAMPLES.items()))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import torch
+
+    import structsam
+
+    from . import samples
+    from .evaluate import quality_curve, write_json
+    from .report import quality_table, quality_plot
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = structsam.load_model(args.model, checkpoint=args.checkpoint, device=args.device)
+    cases = samples.evaluation_cases(n_lesions=args.lesions)
+    reductions = [float(r) for r in args.flops_reductions.split(",")]
+    res = quality_curve(model, cases, reductions=reductions, method=args.method)
+    write_json(out / "quality.json", res)
+    (out / "quality.md").write_text(quality_table(res))
+    quality_plot(res, out / "quality.png")
+    print(quality_table(res))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="structsam", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    seg = sub.add_parser("segment", help="segment one image (or one slice) from a prompt")
+    seg.add_argument("image", help="PNG/TIFF/NPY/NIfTI/DICOM file, or " + ", ".join(SAMPLES))
+    seg.add_argument("--box", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"))
+    seg.add_argument("--point", nargs=2, type=float, action="append", metavar=("X", "Y"))
+    seg.add_argument("--negative", nargs=2, type=float, action="append", metavar=("X", "Y"))
+    seg.add_argument("--model", default="litemedsam")
+    seg.add_argument("--checkpoint", default=None)
+    seg.add_argument("--device", default="cpu")
+    seg.add_argument("--method", default="structsam")
+    seg.add_argument("--rate", type=float, default=0.4)
+    seg.add_argument("--prompt-aware", action="store_true", help="protect the prompt region")
+    seg.add_argument("--slice", type=int, default=None, help="slice index of a 3D volume")
+    seg.add_argument("--window", nargs=2, type=float, metavar=("LOW", "HIGH"))
+    seg.add_argument("--out", required=True, help="mask file: .png, .npy or .nii.gz")
+    seg.add_argument("--merge-map", default=None, help="also write a merge-map picture (PNG)")
+    seg.add_argument("--block", type=int, default=0, help="which merged block's map to draw")
+    seg.set_defaults(func=cmd_segment)
+    ev = sub.add_parser("evaluate", help="quality at matched FLOPs cuts on the bundled cases")
+    ev.add_argument("--model", default="litemedsam")
+    ev.add_argument("--checkpoint", default=None)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--method", default="structsam")
+    ev.add_argument("--flops-reductions", default="0.1,0.2,0.3,0.4")
+    ev.add_argument("--lesions", type=int, default=24)
+    ev.add_argument("--threads", type=int, default=2)
+    ev.add_argument("--out", default="eval_out")
+    ev.set_defaults(func=cmd_evaluate)
+    info = sub.add_parser("info", help="list models, methods and devices")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        code = args.func(args)
+    except StructSAMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "segment":
+        print(f"done in {time.perf_counter() - start:.1f} s")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
