@@ -113,7 +113,7 @@ def cmd_evaluate(args) -> int:
 
     from . import samples
     from .evaluate import quality_curve, write_json
-    from .report import quality_table, quality_plot
+    from .report import quality_plot, quality_table
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)

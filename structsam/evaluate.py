@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .flops import calibrate, encoder_flops
 from .metrics import dice, iou
-from .patch import patch, unpatch
+from .patch import unpatch
 from .predictor import Predictor
 
 
@@ -60,8 +60,16 @@ def noise_stability(predictor, case, draws=3, sigma=1 / 255, seed=0) -> float:
     return float(np.mean(ious))
 
 
-def quality_curve(model, cases, reductions=(0.1, 0.2, 0.3, 0.4), modes=("plain", "prompt"),
-                  method="structsam", calib_count=6, min_dice=0.8, log=print) -> dict:
+def quality_curve(
+    model,
+    cases,
+    reductions=(0.1, 0.2, 0.3, 0.4),
+    modes=("plain", "prompt"),
+    method="structsam",
+    calib_count=6,
+    min_dice=0.8,
+    log=print,
+) -> dict:
     """Dice and fidelity of ``method`` at matched FLOPs cuts, on the well-posed cases."""
     predictor = Predictor(model)
     unpatch(model)
@@ -84,8 +92,9 @@ def quality_curve(model, cases, reductions=(0.1, 0.2, 0.3, 0.4), modes=("plain",
         for red in reductions:
             prompts = [{"box": c.box} for c in calib] if mode == "prompt" else None
             try:
-                rate = calibrate(model, method, red, images=[c.image for c in calib],
-                                 prompts=prompts)
+                rate = calibrate(
+                    model, method, red, images=[c.image for c in calib], prompts=prompts
+                )
             except Exception as exc:  # out of reach: report, keep going
                 log(f"{mode} -{red:.0%}: {exc}")
                 continue
@@ -102,8 +111,10 @@ def quality_curve(model, cases, reductions=(0.1, 0.2, 0.3, 0.4), modes=("plain",
                 }
             s = summarize(good_res, key)
             settings[-1].update(s)
-            log(f"{key}: rate {rate:.3f}, measured cut {s['flops_cut']:.1%}, "
-                f"Dice drop {s['dice_drop'] * 100:.2f} pt, fidelity {s['fidelity_mean']:.4f}")
+            log(
+                f"{key}: rate {rate:.3f}, measured cut {s['flops_cut']:.1%}, "
+                f"Dice drop {s['dice_drop'] * 100:.2f} pt, fidelity {s['fidelity_mean']:.4f}"
+            )
     unpatch(model)
     for r in results:
         r.merged.pop("dense_mask", None)

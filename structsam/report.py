@@ -35,8 +35,12 @@ def quality_plot(res: dict, path) -> None:
             continue
         x = [100 * s["flops_cut"] for s in pts]
         label = "prompt-aware" if mode == "prompt" else "content-aware"
-        axes[0].plot(x, [100 * (res["dense_dice_mean"] - s["dice_drop"]) for s in pts],
-                     marker=marker, label=label)
+        axes[0].plot(
+            x,
+            [100 * (res["dense_dice_mean"] - s["dice_drop"]) for s in pts],
+            marker=marker,
+            label=label,
+        )
         axes[1].plot(x, [s["fidelity_mean"] for s in pts], marker=marker, label=label)
     axes[0].axhline(100 * res["dense_dice_mean"], color="k", ls="--", lw=1, label="unmerged")
     axes[0].set(xlabel="encoder FLOPs cut (%)", ylabel="mean Dice vs ground truth (%)")

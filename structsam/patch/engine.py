@@ -72,6 +72,9 @@ class MergeState:
         self.options = dict(options)
         self.prompt_margin = float(self.options.pop("prompt_margin", 2.0))
         self.point_radius = float(self.options.pop("point_radius", 3.0))
+        # which parts of a block run on reduced tokens (ablations; both by default)
+        self.merge_attention = bool(self.options.pop("merge_attention", True))
+        self.merge_mlp = bool(self.options.pop("merge_mlp", True))
         self.prompts = prompts
         self.seed = seed
         self.info: list[BlockMergeInfo] = []

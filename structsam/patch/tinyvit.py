@@ -54,8 +54,25 @@ def merged_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._structsam_dense_forward(x)
     b, n, c = x.shape
     attn = self.attn
-    heads = attn.num_heads
 
+    if not state.merge_attention:
+        x = x + self.drop_path(_dense_attention(self, x))
+    else:
+        x = x + self.drop_path(plan.unmerge(_merged_attention(attn, x, plan)))
+
+    x = x.transpose(1, 2).reshape(b, c, h, w)
+    x = self.local_conv(x)
+    x = x.view(b, c, n).transpose(1, 2)
+
+    if not state.merge_mlp:
+        return x + self.drop_path(self.mlp(x))
+    return x + self.drop_path(plan.unmerge(self.mlp(plan.merge(x))))
+
+
+def _merged_attention(attn, x, plan):
+    """(B, N, C) -> (M, C) attention output of the reduced tokens."""
+    c = x.shape[-1]
+    heads = attn.num_heads
     xr = plan.merge(x)
     qkv = attn.qkv(attn.norm(xr)).view(-1, heads, 2 * attn.key_dim + attn.d)
     pad = None
@@ -64,11 +81,22 @@ def merged_forward(self, x: torch.Tensor) -> torch.Tensor:
         pad = attn.qkv(attn.norm(x.new_zeros(1, c))).view(heads, -1)
     splits = [attn.key_dim, attn.key_dim, attn.d]
     o = reduced_attention(qkv, splits, plan, attn.scale, _tinyvit_bias(attn), pad)
-    o = attn.proj(o.reshape(-1, attn.dh))
-    x = x + self.drop_path(plan.unmerge(o))
+    return attn.proj(o.reshape(-1, attn.dh))
 
-    x = x.transpose(1, 2).reshape(b, c, h, w)
-    x = self.local_conv(x)
-    x = x.view(b, c, n).transpose(1, 2)
 
-    return x + self.drop_path(plan.unmerge(self.mlp(plan.merge(x))))
+def _dense_attention(block, x):
+    """The block's own windowed attention on every token (ablation path)."""
+    h, w = block.input_resolution
+    b, n, c = x.shape
+    ws = block.window_size
+    if h == ws and w == ws:
+        return block.attn(x)
+    x = x.view(b, h, w, c)
+    pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
+    x = torch.nn.functional.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+    ph, pw = h + pad_b, w + pad_r
+    nh, nw = ph // ws, pw // ws
+    x = x.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
+    x = block.attn(x)
+    x = x.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, ph, pw, c)
+    return x[:, :h, :w].reshape(b, n, c)

