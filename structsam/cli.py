@@ -129,6 +129,22 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_speed(args) -> int:
+    import torch
+
+    from .evaluate import speed_report, write_json
+    from .report import speed_table
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = speed_report(args.flops_reduction, repeats=args.repeats, vit=not args.no_vit)
+    write_json(out / "speed.json", res)
+    (out / "speed.md").write_text(speed_table(res))
+    print(speed_table(res))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="structsam", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=int, default=2)
     ev.add_argument("--out", default="eval_out")
     ev.set_defaults(func=cmd_evaluate)
+    sp = sub.add_parser("speed", help="encoder wall-clock, merged vs unmerged, side by side")
+    sp.add_argument("--flops-reduction", type=float, default=0.30)
+    sp.add_argument("--repeats", type=int, default=5)
+    sp.add_argument("--threads", type=int, default=2)
+    sp.add_argument("--no-vit", action="store_true", help="skip SAM ViT-B (slow on a CPU)")
+    sp.add_argument("--out", default="eval_out")
+    sp.set_defaults(func=cmd_speed)
     info = sub.add_parser("info", help="list models, methods and devices")
     info.set_defaults(func=cmd_info)
     return parser

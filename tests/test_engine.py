@@ -85,7 +85,7 @@ def test_identity_plan_reproduces_sam_vit(small_vit, identity_method):
 def test_full_resolution_and_counts_tinyvit(litemedsam, phantom, rate):
     enc = litemedsam.image_encoder
     ref = _run(enc, phantom)
-    patch(litemedsam, "structsam", rate)
+    patch(litemedsam, "structsam", rate, coarse=0)
     try:
         out = _run(enc, phantom)
         info = merge_state(litemedsam).info
@@ -120,7 +120,7 @@ def test_full_resolution_and_counts_tinyvit(litemedsam, phantom, rate):
 def test_sam_vit_merges_every_block(small_vit):
     x = torch.randn(1, 3, 256, 256)
     ref = _run(small_vit, x)
-    patch(small_vit, "structsam", 0.5)
+    patch(small_vit, "structsam", 0.5, coarse=0)
     try:
         out = _run(small_vit, x)
         info = merge_state(small_vit).info
@@ -178,7 +178,7 @@ def test_bad_settings_raise_clear_errors(litemedsam):
 
 
 def test_schedule_and_block_choice(litemedsam, phantom):
-    patch(litemedsam, "structsam", {2: 0.5, 3: 0.25}, blocks=[2, 3])
+    patch(litemedsam, "structsam", {2: 0.5, 3: 0.25}, blocks=[2, 3], coarse=0)
     try:
         _run(litemedsam.image_encoder, phantom)
         info = merge_state(litemedsam).info
@@ -187,3 +187,33 @@ def test_schedule_and_block_choice(litemedsam, phantom):
     # blocks 2 and 3 share a stage: the assignment is decided once, at block 2's rate
     assert [i.block for i in info] == [2, 3]
     assert info[0].tokens_after == info[1].tokens_after == 2048
+
+
+@pytest.mark.parametrize("encoder", ["tinyvit", "vit"])
+def test_identity_plan_with_full_queries(encoder, litemedsam, small_vit, phantom, identity_method):
+    model = litemedsam if encoder == "tinyvit" else small_vit
+    x = phantom if encoder == "tinyvit" else torch.randn(1, 3, 256, 256)
+    enc = getattr(model, "image_encoder", model)
+    ref = _run(enc, x)
+    patch(model, identity_method, 0.5, queries="full")
+    try:
+        out = _run(enc, x)
+    finally:
+        unpatch(model)
+    assert (out - ref).abs().max().item() < 1e-4
+
+
+def test_coarse_cells_merge_wide_flat_areas_further(litemedsam, phantom):
+    kept = {}
+    for coarse in (0, 1):
+        patch(litemedsam, "structsam", 0.5, coarse=coarse)
+        try:
+            _run(litemedsam.image_encoder, phantom)
+            info = merge_state(litemedsam).info
+        finally:
+            unpatch(litemedsam)
+        kept[coarse] = [i.tokens_after for i in info]
+        for i in info:  # still one id per kept token, protected tokens alone
+            mmap = i.merge_map
+            assert len(np.unique(mmap)) == i.tokens_after
+    assert all(a < b for a, b in zip(kept[1], kept[0], strict=True))

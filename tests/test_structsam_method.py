@@ -26,7 +26,7 @@ def test_energy_is_high_at_the_edge_and_zero_in_flat_parts():
 def test_edge_cells_are_protected_and_flat_cells_merged():
     feat = _step_features(edge_col=5)  # edge inside the cells of columns 4-5
     grid = Grid(8, 8, None)
-    dst, protected = structsam_merge(feat, grid, rate=0.5)
+    dst, protected = structsam_merge(feat, grid, rate=0.5, coarse=0)
     dst, protected = dst[0].view(8, 8), protected[0].view(8, 8)
     # columns 4-5 hold the edge (energy at 4 and 5): their cells are protected, never merged
     assert protected[:, 4:6].all()
@@ -41,7 +41,7 @@ def test_destination_is_the_lowest_energy_token_of_its_cell():
     feat = torch.randn(1, 4, 4, 8) * 0.01
     feat[0, 0, 0] += 5.0  # a spike: high energy around (0, 0)
     grid = Grid(4, 4, None)
-    dst, _ = structsam_merge(feat, grid, rate=0.75)
+    dst, _ = structsam_merge(feat, grid, rate=0.75, coarse=0)
     e = token_energy(feat)[0].reshape(-1)
     for cell in range(grid.n_cells):
         members = torch.nonzero(grid.cell_id == cell).squeeze(1)
@@ -79,3 +79,14 @@ def test_plan_merge_is_the_group_mean_and_unmerge_recovers():
     assert torch.equal(plan.size, torch.tensor([3.0, 1.0]))
     back = plan.unmerge(xr)
     assert torch.allclose(back[0, :, 0], torch.tensor([3.0, 3.0, 10.0, 3.0]))
+
+
+def test_coarse_merges_a_whole_flat_4x4_block_into_one_token():
+    feat = _step_features(edge_col=5)
+    grid = Grid(8, 8, None)
+    dst, _ = structsam_merge(feat, grid, rate=0.5, coarse=1)
+    d = dst[0].view(8, 8)
+    # columns 0-3 are flat and wholly chosen: each 4x4 block becomes one group
+    assert len(d[:4, :4].unique()) == 1 and len(d[4:, :4].unique()) == 1
+    idx = torch.arange(64).view(8, 8)
+    assert torch.equal(d[:, 4:6], idx[:, 4:6])  # the edge stays protected

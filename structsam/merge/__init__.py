@@ -30,7 +30,8 @@ METHODS: dict[str, MethodInfo] = {
         structsam_merge,
         0.75,
         True,
-        "fraction of tokens removed per merged stage, spent on the flattest 2x2 cells image-wide",
+        "fraction of tokens removed per stage by the flattest 2x2 cells image-wide "
+        "(wide flat areas merge further; calibrate on FLOPs)",
     ),
 }
 

@@ -137,12 +137,29 @@ class Plan:
         )
         return self._cache
 
-    def bias_index(self, heads: int, table_n: int) -> torch.Tensor:
-        """Flat index (W*heads*S*S,) into a (heads, table_n, table_n) position-bias table."""
-        key = ("bias_index", heads, table_n)
+    def full_query_index(self) -> torch.Tensor:
+        """(B*N,) slot of every token in a dense (B*n_windows*win*win) window layout (cached)."""
+        if "full_query_index" not in self._cache:
+            g = self.grid
+            img = torch.arange(self.batch, device=self.rep.device)[:, None] * g.n_windows
+            win = (img + g.window_id[None]).reshape(-1)
+            self._cache["full_query_index"] = win * g.win**2 + g.local_pos.repeat(self.batch)
+        return self._cache["full_query_index"]
+
+    def query_pos(self, full: bool) -> torch.Tensor:
+        """(W, Sq) window position of each query slot: reduced tokens, or every position."""
+        if not full:
+            return self.packing()["pos"]
+        n_win = self.batch * self.grid.n_windows
+        return torch.arange(self.grid.win**2, device=self.rep.device).expand(n_win, -1)
+
+    def bias_index(self, heads: int, table_n: int, full: bool = False) -> torch.Tensor:
+        """Flat index (W*heads*Sq*Sk,) into a (heads, table_n, table_n) position-bias table."""
+        key = ("bias_index", heads, table_n, full)
         if key not in self._cache:
             pos = self.packing()["pos"]
-            pair = pos[:, None, :, None] * table_n + pos[:, None, None, :]
+            qpos = self.query_pos(full)
+            pair = qpos[:, None, :, None] * table_n + pos[:, None, None, :]
             head = torch.arange(heads, device=pos.device)[None, :, None, None] * table_n**2
             # int32 makes index_select about twice as fast as int64 on CPU
             self._cache[key] = (pair + head).to(torch.int32).view(-1)

@@ -75,6 +75,11 @@ class MergeState:
         # which parts of a block run on reduced tokens (ablations; both by default)
         self.merge_attention = bool(self.options.pop("merge_attention", True))
         self.merge_mlp = bool(self.options.pop("merge_mlp", True))
+        # "reduced": queries are the group means too; "full": every token queries the reduced
+        # keys/values, so attention outputs stay per token
+        self.queries = self.options.pop("queries", "reduced")
+        if self.queries not in ("reduced", "full"):
+            raise MergeError(f"queries must be 'reduced' or 'full', got {self.queries!r}")
         self.prompts = prompts
         self.seed = seed
         self.info: list[BlockMergeInfo] = []
@@ -133,29 +138,43 @@ def unpack(t: torch.Tensor, packing: dict) -> torch.Tensor:
     return t.transpose(1, 2).reshape(w * s, h, d).index_select(0, packing["query_index"])
 
 
-def reduced_attention(qkv, splits, plan: Plan, scale: float, bias_fn, pad_qkv=None):
-    """Windowed softmax attention among reduced tokens, (M, heads, dq+dk+dv) -> (M, heads, dv).
+def reduced_attention(kv, splits, plan: Plan, scale: float, bias_fn, pad_kv=None, q=None):
+    """Windowed softmax attention with reduced keys and values.
 
-    Each reduced token attends to the reduced tokens of its window, with its representative's
-    position for position biases and ToMe's proportional attention (log group size added to the
-    key logits), which is exact when a group's tokens are identical. Zero-padding tokens of the
-    window layout are appended as keys, as the dense block sees them. ``bias_fn(q, plan)``
-    returns a fresh (W, heads, S, S) position bias for the packed queries ``q``.
+    ``kv``: (M, heads, d...) per reduced token, split by ``splits`` into (q, k, v) or, when the
+    queries ``q`` (B*N, heads, dq) of every token are given, into (k, v). Each query attends to
+    the reduced tokens of its window, with each group at its representative's position and
+    ToMe's proportional attention (log group size added to the key logits), which is exact when
+    a group's tokens are identical. Zero-padding tokens of the window layout are appended as
+    keys, as the dense block sees them. ``bias_fn(q_packed, plan, full)`` returns a fresh
+    (W, heads, Sq, Sk) position bias. Returns (M or B*N, heads, dv).
     """
     pk = plan.packing()
-    packed = pack(qkv, pk, pad_qkv)  # one copy for q, k and v together
-    q, k, v = packed.split(splits, dim=-1)
-    w, h, s, _ = q.shape
-    bias = bias_fn(q, plan)
-    bias = bias.add_(plan.key_bias()) if bias.shape == (w, h, s, s) else bias + plan.key_bias()
+    packed = pack(kv, pk, pad_kv)  # one copy for q, k and v together
+    full = q is not None
+    if full:
+        k, v = packed.split(splits, dim=-1)
+        g = plan.grid
+        n_win = plan.batch * g.n_windows
+        qs = q.new_zeros(n_win * g.win**2, *q.shape[1:])
+        qs.index_copy_(0, plan.full_query_index(), q)
+        q = qs.view(n_win, g.win**2, *q.shape[1:]).transpose(1, 2)
+    else:
+        q, k, v = packed.split(splits, dim=-1)
+    w, h, sq, _ = q.shape
+    sk = k.shape[2]
+    bias = bias_fn(q, plan, full)
+    bias = bias.add_(plan.key_bias()) if bias.shape == (w, h, sq, sk) else bias + plan.key_bias()
     attn = torch.baddbmm(
-        bias.reshape(w * h, s, s),
-        q.reshape(w * h, s, -1),
-        k.reshape(w * h, s, -1).transpose(1, 2),
+        bias.reshape(w * h, sq, sk),
+        q.reshape(w * h, sq, -1),
+        k.reshape(w * h, sk, -1).transpose(1, 2),
         alpha=scale,
     )
-    out = attn.softmax(dim=-1) @ v.reshape(w * h, s, -1)
-    return unpack(out.view(w, h, s, -1), pk)
+    out = (attn.softmax(dim=-1) @ v.reshape(w * h, sk, -1)).view(w, h, sq, -1)
+    if full:
+        return out.transpose(1, 2).reshape(w * sq, h, -1).index_select(0, plan.full_query_index())
+    return unpack(out, pk)
 
 
 def check_rate(rate: float, method: MethodInfo) -> float:

@@ -10,6 +10,7 @@ block): groups never cross a 14x14 window, so the same groups are valid in both.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .engine import reduced_attention
 
@@ -35,19 +36,19 @@ def iter_blocks(encoder):
 def _rel_pos_bias(attn, size: int):
     """Decomposed relative-position bias for packed slots: q . R_h[dy] + q . R_w[dx]."""
     if not attn.use_rel_pos:
-        return lambda qs, plan: 0.0
+        return lambda qs, plan, full: 0.0
     rh, rw = attn.rel_pos_h, attn.rel_pos_w
     if rh.shape[0] != 2 * size - 1:
         raise ValueError(f"relative position table of {rh.shape[0]} rows does not fit {size}")
 
-    def bias(qs, plan):
-        pos = plan.packing()["pos"]  # (W, S)
-        y, x = pos // size, pos % size
-        dy = (y[:, :, None] - y[:, None, :] + size - 1)[:, None]  # (W, 1, S, S)
-        dx = (x[:, :, None] - x[:, None, :] + size - 1)[:, None]
-        th = qs @ rh.t()  # (W, heads, S, 2*size-1)
+    def bias(qs, plan, full):
+        kpos = plan.packing()["pos"]  # (W, Sk)
+        qpos = plan.query_pos(full)  # (W, Sq)
+        dy = (qpos[:, :, None] // size - kpos[:, None, :] // size + size - 1)[:, None]
+        dx = (qpos[:, :, None] % size - kpos[:, None, :] % size + size - 1)[:, None]
+        th = qs @ rh.t()  # (W, heads, Sq, 2*size-1)
         tw = qs @ rw.t()
-        shape = (qs.shape[0], qs.shape[1], qs.shape[2], qs.shape[2])
+        shape = (qs.shape[0], qs.shape[1], qs.shape[2], kpos.shape[1])
         return th.gather(-1, dy.expand(shape)) + tw.gather(-1, dx.expand(shape))
 
     return bias
@@ -64,18 +65,36 @@ def merged_forward(self, x: torch.Tensor) -> torch.Tensor:
     attn = self.attn
     heads = attn.num_heads
 
-    xr = plan.merge(x.view(b, h * w, c))
     hd = c // heads
-    # qkv's output is laid out (3, heads, hd); regroup it per head as (heads, 3 * hd)
-    qkv = attn.qkv(self.norm1(xr)).view(-1, 3, heads, hd).transpose(1, 2).reshape(-1, heads, 3 * hd)
+    xr = plan.merge(x.view(b, h * w, c))
+    bias = _rel_pos_bias(attn, plan.grid.win)
     pad = None
     if plan.packing()["has_pad"]:
         # windows are zero-padded after norm1, so padding keys are the qkv bias alone
-        pad = attn.qkv(x.new_zeros(1, c)).view(3, heads, hd).transpose(0, 1).reshape(heads, -1)
-    bias = _rel_pos_bias(attn, plan.grid.win)
-    o = reduced_attention(qkv, [hd, hd, hd], plan, attn.scale, bias, pad)
-    o = attn.proj(o.reshape(-1, c))
-    # merge(x + unmerge(o)) == merge(x) + o, so the MLP input needs no second merge
-    xr = xr + o
-    x = x + plan.unmerge(o).view(b, h, w, c)
+        pad = attn.qkv.bias.view(3, heads, hd).transpose(0, 1)  # (heads, 3, hd)
+    if state.queries == "full":
+        # queries for every token, keys/values for the groups: attention stays per token
+        wq, wkv = attn.qkv.weight[:c], attn.qkv.weight[c:]
+        bq, bkv = attn.qkv.bias[:c], attn.qkv.bias[c:]
+        q = F.linear(self.norm1(x).view(-1, c), wq, bq).view(-1, heads, hd)
+        kv = F.linear(self.norm1(xr), wkv, bkv).view(-1, 2, heads, hd).transpose(1, 2)
+        pad = pad[:, 1:].reshape(heads, -1) if pad is not None else None
+        o = reduced_attention(
+            kv.reshape(-1, heads, 2 * hd), [hd, hd], plan, attn.scale, bias, pad, q=q
+        )
+        x = x + attn.proj(o.reshape(-1, c)).view(b, h, w, c)
+        xr = plan.merge(x.view(b, h * w, c))
+    else:
+        # qkv's output is laid out (3, heads, hd); regroup it per head as (heads, 3 * hd)
+        qkv = attn.qkv(self.norm1(xr)).view(-1, 3, heads, hd).transpose(1, 2)
+        pad = pad.reshape(heads, -1) if pad is not None else None
+        o = reduced_attention(
+            qkv.reshape(-1, heads, 3 * hd), [hd, hd, hd], plan, attn.scale, bias, pad
+        )
+        o = attn.proj(o.reshape(-1, c))
+        # merge(x + unmerge(o)) == merge(x) + o, so the MLP input needs no second merge
+        xr = xr + o
+        x = x + plan.unmerge(o).view(b, h, w, c)
+    if not state.merge_mlp:
+        return x + self.mlp(self.norm2(x))
     return x + plan.unmerge(self.mlp(self.norm2(xr))).view(b, h, w, c)

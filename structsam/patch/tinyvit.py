@@ -10,6 +10,7 @@ its own input plus its group's update, and the conv sees the true grid.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .engine import reduced_attention
 
@@ -36,10 +37,11 @@ def _tinyvit_bias(attn):
         else (attn.attention_biases[:, attn.attention_bias_idxs])
     )
 
-    def bias(q, plan):
+    def bias(q, plan, full):
         heads, n = table.shape[0], table.shape[1]
-        w, _, s, _ = q.shape
-        return table.reshape(-1).index_select(0, plan.bias_index(heads, n)).view(w, heads, s, s)
+        w, sq = q.shape[0], q.shape[2]
+        index = plan.bias_index(heads, n, full)
+        return table.reshape(-1).index_select(0, index).view(w, heads, sq, -1)
 
     return bias
 
@@ -58,7 +60,8 @@ def merged_forward(self, x: torch.Tensor) -> torch.Tensor:
     if not state.merge_attention:
         x = x + self.drop_path(_dense_attention(self, x))
     else:
-        x = x + self.drop_path(plan.unmerge(_merged_attention(attn, x, plan)))
+        o = _merged_attention(attn, x, plan, state.queries == "full")
+        x = x + self.drop_path(o if state.queries == "full" else plan.unmerge(o))
 
     x = x.transpose(1, 2).reshape(b, c, h, w)
     x = self.local_conv(x)
@@ -69,19 +72,29 @@ def merged_forward(self, x: torch.Tensor) -> torch.Tensor:
     return x + self.drop_path(plan.unmerge(self.mlp(plan.merge(x))))
 
 
-def _merged_attention(attn, x, plan):
-    """(B, N, C) -> (M, C) attention output of the reduced tokens."""
-    c = x.shape[-1]
-    heads = attn.num_heads
-    xr = plan.merge(x)
-    qkv = attn.qkv(attn.norm(xr)).view(-1, heads, 2 * attn.key_dim + attn.d)
+def _merged_attention(attn, x, plan, full_queries=False):
+    """(B, N, C) -> attention output (M, C) of the reduced tokens, or (B, N, C) per token."""
+    b, n, c = x.shape
+    heads, kd = attn.num_heads, attn.key_dim
+    xr = attn.norm(plan.merge(x))
     pad = None
     if plan.packing()["has_pad"]:
         # zero padding passes through the attention's LayerNorm, so its keys are constant
         pad = attn.qkv(attn.norm(x.new_zeros(1, c))).view(heads, -1)
-    splits = [attn.key_dim, attn.key_dim, attn.d]
-    o = reduced_attention(qkv, splits, plan, attn.scale, _tinyvit_bias(attn), pad)
-    return attn.proj(o.reshape(-1, attn.dh))
+    bias = _tinyvit_bias(attn)
+    if not full_queries:
+        qkv = attn.qkv(xr).view(-1, heads, 2 * kd + attn.d)
+        o = reduced_attention(qkv, [kd, kd, attn.d], plan, attn.scale, bias, pad)
+        return attn.proj(o.reshape(-1, attn.dh))
+    # split the fused projection: queries for every token, keys/values for the groups
+    w = attn.qkv.weight.view(heads, 2 * kd + attn.d, c)
+    bb = attn.qkv.bias.view(heads, 2 * kd + attn.d)
+    q = F.linear(attn.norm(x), w[:, :kd].reshape(-1, c), bb[:, :kd].reshape(-1))
+    kv = F.linear(xr, w[:, kd:].reshape(-1, c), bb[:, kd:].reshape(-1)).view(-1, heads, kd + attn.d)
+    if pad is not None:
+        pad = pad[:, kd:]
+    o = reduced_attention(kv, [kd, attn.d], plan, attn.scale, bias, pad, q=q.view(-1, heads, kd))
+    return attn.proj(o.reshape(b, n, attn.dh))
 
 
 def _dense_attention(block, x):
