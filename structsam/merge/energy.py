@@ -33,5 +33,5 @@ def token_energy(feat: torch.Tensor, kind: str = "sobel", normalised: bool = Fal
         raise ValueError(f"unknown energy {kind!r}: use 'sobel' or 'central'")
     weight = kernel.to(f).repeat(c, 1, 1).unsqueeze(1)  # (2C, 1, 3, 3)
     g = F.conv2d(F.pad(f, (1, 1, 1, 1), mode="replicate"), weight, groups=c)
-    # mean over all 2C maps = mean_c(Gx^2 + Gy^2) / 2, without a strided reduction
-    return g.square().mean(1).mul_(2.0).sqrt_()
+    # one pass over the 2C maps: sqrt(sum_c(Gx^2 + Gy^2)) / sqrt(C) = sqrt(mean_c(...))
+    return torch.linalg.vector_norm(g, dim=1).mul_(c**-0.5)

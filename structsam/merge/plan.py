@@ -133,9 +133,70 @@ class Plan:
                 "log_size": log_size.view(shape),
                 "pad_slot": pad_slot.view(shape),
                 "has_pad": bool(pad_win.numel()),
+                "win": win,
+                "slot": slot,
+                "window_fill": counts + pad_counts,
             }
         )
         return self._cache
+
+    def buckets(self) -> dict:
+        """Windows split in two size classes for attention (cached).
+
+        Padding every window to the fullest one wastes most of the attention when flat windows
+        keep a few tokens and windows on edges keep all: windows sorted by fill are cut where
+        the padded cost, small.n * small.S^2 + large.n * large.S^2, is least. Returns ``rows``
+        (total rows), ``query_index`` (M,) row of each reduced token, ``pad_rows``, and
+        ``parts``: per class (row offset, windows, slots, pos (n, S), key_bias (n, 1, 1, S)).
+        """
+        if "buckets" in self._cache:
+            return self._cache["buckets"]
+        pk = self.packing()
+        dev = self.rep.device
+        fill = pk["window_fill"]
+        n_win = fill.numel()
+        order = torch.argsort(fill, stable=True)
+        sizes = fill[order]
+        ks = torch.arange(1, n_win + 1, device=dev)
+        cost = ks * sizes[ks - 1] ** 2 + (n_win - ks) * sizes[-1] ** 2
+        k = int(torch.argmin(cost)) + 1
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(n_win, device=dev)
+        classes = [(0, k, int(sizes[k - 1]))]
+        if k < n_win:
+            classes.append((k, n_win - k, int(sizes[-1])))
+        offset = torch.zeros(n_win, dtype=torch.long, device=dev)
+        stride = torch.zeros(n_win, dtype=torch.long, device=dev)
+        row, parts = 0, []
+        for first, count, slots in classes:
+            members = (rank >= first) & (rank < first + count)
+            offset[members] = row + (rank[members] - first) * slots
+            stride[members] = slots
+            wins = order[first : first + count]
+            base = pk["pos"][wins, :slots]
+            valid = pk["key_valid"][wins, :slots]
+            kb = pk["log_size"][wins, :slots].masked_fill(~valid, float("-inf"))
+            parts.append(
+                {
+                    "row": row,
+                    "windows": count,
+                    "slots": slots,
+                    "pos": base,
+                    "key_bias": kb[:, None, None, :],
+                    "index": {},
+                }
+            )
+            row += count * slots
+        n_slots = pk["n_slots"]
+        pad_flat = torch.nonzero(pk["pad_slot"].reshape(-1)).squeeze(1)
+        pad_rows = offset[pad_flat // n_slots] + pad_flat % n_slots
+        self._cache["buckets"] = {
+            "rows": row,
+            "query_index": offset[pk["win"]] + pk["slot"],
+            "pad_rows": pad_rows,
+            "parts": parts,
+        }
+        return self._cache["buckets"]
 
     def full_query_index(self) -> torch.Tensor:
         """(B*N,) slot of every token in a dense (B*n_windows*win*win) window layout (cached)."""
@@ -152,18 +213,6 @@ class Plan:
             return self.packing()["pos"]
         n_win = self.batch * self.grid.n_windows
         return torch.arange(self.grid.win**2, device=self.rep.device).expand(n_win, -1)
-
-    def bias_index(self, heads: int, table_n: int, full: bool = False) -> torch.Tensor:
-        """Flat index (W*heads*Sq*Sk,) into a (heads, table_n, table_n) position-bias table."""
-        key = ("bias_index", heads, table_n, full)
-        if key not in self._cache:
-            pos = self.packing()["pos"]
-            qpos = self.query_pos(full)
-            pair = qpos[:, None, :, None] * table_n + pos[:, None, None, :]
-            head = torch.arange(heads, device=pos.device)[None, :, None, None] * table_n**2
-            # int32 makes index_select about twice as fast as int64 on CPU
-            self._cache[key] = (pair + head).to(torch.int32).view(-1)
-        return self._cache[key]
 
     def key_bias(self) -> torch.Tensor:
         """(W, 1, 1, S) log group size for real keys, -inf for empty slots (cached)."""

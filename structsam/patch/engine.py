@@ -138,6 +138,20 @@ def unpack(t: torch.Tensor, packing: dict) -> torch.Tensor:
     return t.transpose(1, 2).reshape(w * s, h, d).index_select(0, packing["query_index"])
 
 
+def _attend(q, k, v, bias, key_bias, scale):
+    """softmax(q k^T * scale + bias + key_bias) v for (W, heads, S, d) slots."""
+    w, h, sq, _ = q.shape
+    sk = k.shape[2]
+    bias = bias.add_(key_bias) if bias.shape == (w, h, sq, sk) else bias + key_bias
+    attn = torch.baddbmm(
+        bias.reshape(w * h, sq, sk),
+        q.reshape(w * h, sq, -1),
+        k.reshape(w * h, sk, -1).transpose(1, 2),
+        alpha=scale,
+    )
+    return (attn.softmax(dim=-1) @ v.reshape(w * h, sk, -1)).view(w, h, sq, -1)
+
+
 def reduced_attention(kv, splits, plan: Plan, scale: float, bias_fn, pad_kv=None, q=None):
     """Windowed softmax attention with reduced keys and values.
 
@@ -146,35 +160,45 @@ def reduced_attention(kv, splits, plan: Plan, scale: float, bias_fn, pad_kv=None
     the reduced tokens of its window, with each group at its representative's position and
     ToMe's proportional attention (log group size added to the key logits), which is exact when
     a group's tokens are identical. Zero-padding tokens of the window layout are appended as
-    keys, as the dense block sees them. ``bias_fn(q_packed, plan, full)`` returns a fresh
+    keys, as the dense block sees them. ``bias_fn(q, qpos, kpos, cache)`` returns a fresh
     (W, heads, Sq, Sk) position bias. Returns (M or B*N, heads, dv).
     """
+    if q is not None:
+        return _full_query_attention(kv, splits, plan, scale, bias_fn, pad_kv, q)
+    bk = plan.buckets()
+    buf = kv.new_zeros(bk["rows"], *kv.shape[1:])
+    if pad_kv is not None and bk["pad_rows"].numel():
+        buf[bk["pad_rows"]] = pad_kv.to(kv.dtype)
+    buf.index_copy_(0, bk["query_index"], kv)
+    out = None
+    for part in bk["parts"]:
+        rows = buf[part["row"] : part["row"] + part["windows"] * part["slots"]]
+        slots = rows.view(part["windows"], part["slots"], *kv.shape[1:]).transpose(1, 2)
+        qs, ks, vs = slots.split(splits, dim=-1)
+        bias = bias_fn(qs, part["pos"], part["pos"], part["index"])
+        o = _attend(qs, ks, vs, bias, part["key_bias"], scale)
+        if out is None:
+            out = kv.new_empty(bk["rows"], kv.shape[1], o.shape[-1])
+        out[part["row"] : part["row"] + rows.shape[0]] = o.transpose(1, 2).reshape(
+            rows.shape[0], kv.shape[1], -1
+        )
+    return out.index_select(0, bk["query_index"])
+
+
+def _full_query_attention(kv, splits, plan, scale, bias_fn, pad_kv, q):
+    """Every token's query against the reduced keys/values of its window."""
     pk = plan.packing()
-    packed = pack(kv, pk, pad_kv)  # one copy for q, k and v together
-    full = q is not None
-    if full:
-        k, v = packed.split(splits, dim=-1)
-        g = plan.grid
-        n_win = plan.batch * g.n_windows
-        qs = q.new_zeros(n_win * g.win**2, *q.shape[1:])
-        qs.index_copy_(0, plan.full_query_index(), q)
-        q = qs.view(n_win, g.win**2, *q.shape[1:]).transpose(1, 2)
-    else:
-        q, k, v = packed.split(splits, dim=-1)
-    w, h, sq, _ = q.shape
-    sk = k.shape[2]
-    bias = bias_fn(q, plan, full)
-    bias = bias.add_(plan.key_bias()) if bias.shape == (w, h, sq, sk) else bias + plan.key_bias()
-    attn = torch.baddbmm(
-        bias.reshape(w * h, sq, sk),
-        q.reshape(w * h, sq, -1),
-        k.reshape(w * h, sk, -1).transpose(1, 2),
-        alpha=scale,
-    )
-    out = (attn.softmax(dim=-1) @ v.reshape(w * h, sk, -1)).view(w, h, sq, -1)
-    if full:
-        return out.transpose(1, 2).reshape(w * sq, h, -1).index_select(0, plan.full_query_index())
-    return unpack(out, pk)
+    k, v = pack(kv, pk, pad_kv).split(splits, dim=-1)
+    g = plan.grid
+    n_win = plan.batch * g.n_windows
+    qs = q.new_zeros(n_win * g.win**2, *q.shape[1:])
+    qs.index_copy_(0, plan.full_query_index(), q)
+    qs = qs.view(n_win, g.win**2, *q.shape[1:]).transpose(1, 2)
+    cache = plan._cache.setdefault("full_bias_index", {})
+    bias = bias_fn(qs, plan.query_pos(True), pk["pos"], cache)
+    out = _attend(qs, k, v, bias, plan.key_bias(), scale)
+    w, h, sq, _ = out.shape
+    return out.transpose(1, 2).reshape(w * sq, h, -1).index_select(0, plan.full_query_index())
 
 
 def check_rate(rate: float, method: MethodInfo) -> float:

@@ -36,14 +36,12 @@ def iter_blocks(encoder):
 def _rel_pos_bias(attn, size: int):
     """Decomposed relative-position bias for packed slots: q . R_h[dy] + q . R_w[dx]."""
     if not attn.use_rel_pos:
-        return lambda qs, plan, full: 0.0
+        return lambda qs, qpos, kpos, cache: 0.0
     rh, rw = attn.rel_pos_h, attn.rel_pos_w
     if rh.shape[0] != 2 * size - 1:
         raise ValueError(f"relative position table of {rh.shape[0]} rows does not fit {size}")
 
-    def bias(qs, plan, full):
-        kpos = plan.packing()["pos"]  # (W, Sk)
-        qpos = plan.query_pos(full)  # (W, Sq)
+    def bias(qs, qpos, kpos, cache):
         dy = (qpos[:, :, None] // size - kpos[:, None, :] // size + size - 1)[:, None]
         dx = (qpos[:, :, None] % size - kpos[:, None, :] % size + size - 1)[:, None]
         th = qs @ rh.t()  # (W, heads, Sq, 2*size-1)
