@@ -18,9 +18,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_model": "structsam.models",
     "MODELS": "structsam.models",
-    "patch": "structsam.patch",
-    "unpatch": "structsam.patch",
-    "merge_state": "structsam.patch",
+    "patch": "structsam.patching",
+    "unpatch": "structsam.patching",
+    "merge_state": "structsam.patching",
     "METHODS": "structsam.merge",
     "Predictor": "structsam.predictor",
     "encoder_flops": "structsam.flops",

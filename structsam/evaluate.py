@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .flops import calibrate, encoder_flops
 from .metrics import dice, iou
-from .patch import unpatch
+from .patching import unpatch
 from .predictor import Predictor
 
 

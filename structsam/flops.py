@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import MergeError
 from .merge import get_method
-from .patch import merge_state, patch, unpatch
+from .patching import merge_state, patch, unpatch
 from .predictor import model_prompts, model_spec
 from .transforms import prepare_image
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .errors import PromptError, StructSAMError
-from .patch import merge_state
+from .patching import merge_state
 from .transforms import Geometry, prepare_image, validate_box, validate_points
 
 

@@ -6,7 +6,7 @@ import torch
 
 import structsam.merge as merge
 from structsam.errors import MergeError
-from structsam.patch import merge_state, patch, unpatch
+from structsam.patching import merge_state, patch, unpatch
 
 
 @pytest.fixture()

@@ -1,0 +1,76 @@
+"""Predictor, FLOPs and calibration on the real LiteMedSAM."""
+
+import numpy as np
+import pytest
+
+import structsam
+from structsam.errors import ImageError, MergeError, PromptError, StructSAMError
+from structsam.metrics import dice, iou
+from structsam.samples import mni152_slice, phantom_cases
+
+
+@pytest.fixture(scope="module")
+def case():
+    # a well-posed target: the grey inner ellipse 5 of the Shepp-Logan phantom
+    return next(c for c in phantom_cases() if c.name == "phantom-ellipse-5")
+
+
+def test_unmerged_predictor_segments_the_phantom(litemedsam, case):
+    structsam.unpatch(litemedsam)
+    p = structsam.Predictor(litemedsam)
+    p.set_image(case.image)
+    masks, scores, logits = p.predict(box=case.box)
+    assert masks.shape == (1, *case.image.shape) and masks.dtype == bool
+    assert scores.shape == (1,) and logits.shape == (1, 256, 256)
+    assert dice(masks[0], case.mask) > 0.9
+    assert p.merge_info == []
+
+
+def test_merged_predictor_reports_merging_and_stays_close(litemedsam, case):
+    structsam.unpatch(litemedsam)
+    p = structsam.Predictor(litemedsam)
+    p.set_image(case.image)
+    dense = p.predict(box=case.box)[0][0]
+    structsam.patch(litemedsam, "structsam", 0.3)
+    try:
+        p.set_image(case.image, prompts={"box": case.box})
+        merged = p.predict(box=case.box)[0][0]
+        info = p.merge_info
+    finally:
+        structsam.unpatch(litemedsam)
+    assert iou(merged, dense) > 0.9
+    assert len(info) == 10 and all(i.tokens_after < i.tokens_before for i in info)
+    # overlays come back in image pixels, and the box region is protected there
+    prot = p.map_to_image(info[-1].protected.astype(np.uint8)).astype(bool)
+    assert prot.shape == case.image.shape
+    x0, y0, x1, y1 = case.box.astype(int)
+    assert prot[y0 + 2 : y1 - 2, x0 + 2 : x1 - 2].all()
+    assert p.map_to_image(info[0].merge_map).shape == case.image.shape
+
+
+def test_predictor_errors_are_clear(litemedsam, case):
+    p = structsam.Predictor(litemedsam)
+    with pytest.raises(StructSAMError, match="set_image"):
+        p.predict(box=case.box)
+    with pytest.raises(ImageError):
+        p.set_image(np.zeros((4, 64, 64, 64)))
+    p.set_image(case.image)
+    with pytest.raises(PromptError):
+        p.predict(box=[10, 10, 5, 5])
+    with pytest.raises(PromptError):
+        p.predict()
+
+
+def test_encoder_flops_and_calibration(litemedsam):
+    structsam.unpatch(litemedsam)
+    image = mni152_slice("axial")
+    dense = structsam.encoder_flops(litemedsam, image)
+    # 2 FLOPs per multiply-add; the measurements note has 75.0 GFLOP for LiteMedSAM
+    assert abs(dense / 1e9 - 74.95) < 0.5
+    rate = structsam.calibrate(litemedsam, "structsam", 0.2, images=[image])
+    cut = 1 - structsam.encoder_flops(litemedsam, image) / dense
+    assert abs(cut - 0.2) <= 0.01
+    assert 0 < rate < 0.75
+    with pytest.raises(MergeError, match="cannot cut"):
+        structsam.calibrate(litemedsam, "structsam", 0.9, images=[image])
+    structsam.unpatch(litemedsam)
