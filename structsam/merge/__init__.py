@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .baselines import register as register_baselines
 from .grid import Grid, prompt_mask
 from .plan import Plan
 from .structsam import structsam_merge
@@ -34,6 +35,9 @@ METHODS: dict[str, MethodInfo] = {
         "(wide flat areas merge further; calibrate on FLOPs)",
     ),
 }
+
+
+register_baselines(METHODS, MethodInfo)
 
 
 def get_method(name: str) -> MethodInfo:

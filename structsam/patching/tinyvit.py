@@ -73,7 +73,8 @@ def merged_forward(self, x: torch.Tensor) -> torch.Tensor:
 
     if not state.merge_mlp:
         return x + self.drop_path(self.mlp(x))
-    return x + self.drop_path(plan.unmerge(self.mlp(plan.merge(x))))
+    # x is the local conv's fresh output here, so the residual can be added in place
+    return x.add_(self.drop_path(plan.unmerge(self.mlp(plan.merge(x)))))
 
 
 def _merged_attention(attn, x, plan, full_queries=False):

@@ -1,0 +1,78 @@
+"""PiToMe: spectrum-preserving token merging (Tran et al., NeurIPS 2024; ``hchautran/PiToMe``,
+``algo/pitome/merge.py::pitome_vision``), adapted to SAM.
+
+The rule: every token gets an energy ``E_i = mean_j ELU(cos(m_i, m_j) - margin; alpha)`` over the
+tokens j it attends to (j = i included, as in PiToMe); a high energy means many near-duplicates.
+Tokens are sorted by energy, highest first; the top ``2r`` are mergeable and the rest are
+protected (a low energy marks an isolated, informative token). The mergeable tokens are split
+alternately in rank order into A (even ranks) and B (odd ranks) and each A token merges into its
+most similar B token.
+
+Adaptation to SAM:
+
+- Windows: in a windowed block the energy of a token is its mean over the tokens of its own
+  window (a global block: over the whole grid), and the A/B split and the matching run inside
+  each window, so no group spans two windows. The ``2r`` mergeable tokens are the highest
+  energies image-wide; inside a window they are split by their energy rank there.
+- Count: ``r = round(rate * N)``, at most ``N // 2`` (``max_rate`` 0.5). A window holding an
+  odd number of mergeable tokens has one A token more than B tokens; of all A tokens the ``r``
+  with the highest energy merge. An A token alone in its window (one mergeable token there) has
+  no B to go to, so the count can fall short by at most one token per such window.
+- Margin: fixed, ``margin=0.5`` by default as in the ``tome_sam`` port. PiToMe schedules it per
+  layer, ``m_l = m0 * (1 - l / L)`` (m0 = 0.9 in its BLIP/CLIP patches, 0.75 in its timm patch),
+  which needs the block index; a method here does not see it, so pass ``margin`` to emulate one
+  stage of the schedule. ``alpha`` = 1 as in PiToMe.
+- Metric: the block input after a LayerNorm without affine (PiToMe uses the attention keys),
+  compared by cosine similarity.
+- ``protected`` reports the low-energy tokens outside the top ``2r`` (for overlays).
+- Merging is the engine's size-weighted mean with proportional attention, then unmerge (the
+  ``tome_sam`` port adds the same unmerge).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .grid import Grid
+from .tome import INF, bipartite, keep_all, pack, top_r, unit_metric
+
+
+def window_energy(
+    metric: torch.Tensor, grid: Grid, margin: float = 0.5, alpha: float = 1.0
+) -> torch.Tensor:
+    """(B, N, C) unit metric -> (B, N) PiToMe energy over the tokens of each window."""
+    b, n, c = metric.shape
+    every = torch.ones(b, n, dtype=torch.bool, device=metric.device)
+    p = pack(grid.window_id, every, grid.n_windows)
+    m = metric.reshape(b * n, c)[p.table]  # (G, K, C)
+    e = F.elu(torch.bmm(m, m.transpose(1, 2)) - margin, alpha=alpha)
+    valid = p.valid[:, None, :]
+    e = e.masked_fill(~valid, 0.0).sum(-1) / valid.sum(-1).clamp(min=1)
+    out = torch.empty(b * n, device=metric.device, dtype=e.dtype)
+    out[p.tokens] = e.reshape(-1)[p.where]
+    return out.view(b, n)
+
+
+def pitome_merge(
+    feat: torch.Tensor,
+    grid: Grid,
+    rate: float,
+    protect: torch.Tensor | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    margin: float = 0.5,
+    alpha: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, W, C) features -> (dst (B, N), protected (B, N): the low-energy tokens). See the
+    module docstring; ``protect`` and ``generator`` are unused."""
+    idx, none = keep_all(feat, grid)
+    r = min(round(rate * grid.n), grid.n // 2)
+    if r <= 0:
+        return idx, none
+    metric = unit_metric(feat)
+    energy = window_energy(metric, grid, margin, alpha)
+    mergeable = top_r(energy, 2 * r)
+    sim, target, _ = bipartite(metric, grid, mergeable, order=-energy)
+    merged = top_r(torch.where(torch.isfinite(sim), energy, -INF), r)
+    return torch.where(merged, target, idx), ~mergeable
