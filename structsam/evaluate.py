@@ -216,7 +216,7 @@ def speed_report(reduction=0.30, repeats=5, vit=True, log=print) -> dict:
         t = time_encoders(
             {"dense": dense_b.image_encoder, "merged": vit_b.image_encoder},
             x,
-            repeats=max(2, repeats // 2),
+            repeats=repeats,
         )
         out["rows"].append(
             {
