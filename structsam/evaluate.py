@@ -143,20 +143,23 @@ def summarize(results: list[CaseResult], key: str) -> dict:
     }
 
 
-def time_encoders(encoders: dict, image: torch.Tensor, repeats=5, warmup=1) -> dict:
+def time_encoders(encoders: dict, image: torch.Tensor, repeats=5, warmup=1, seed=0) -> dict:
     """Median seconds per encoder forward, the encoders interleaved so noise hits all alike.
 
-    ``encoders``: name -> callable(tensor). Returns name -> median seconds.
+    ``encoders``: name -> callable(tensor). The order within each round is shuffled (seeded),
+    so no encoder always runs right after another. Returns name -> median seconds.
     """
-    times = {name: [] for name in encoders}
+    names = list(encoders)
+    times = {name: [] for name in names}
+    rng = np.random.default_rng(seed)
     with torch.inference_mode():
         for _ in range(warmup):
             for fn in encoders.values():
                 fn(image)
         for _ in range(repeats):
-            for name, fn in encoders.items():
+            for name in rng.permutation(names):
                 start = time.perf_counter()
-                fn(image)
+                encoders[name](image)
                 times[name].append(time.perf_counter() - start)
     return {name: float(np.median(t)) for name, t in times.items()}
 
