@@ -45,7 +45,12 @@ def merge_overlay(image, merge_map, protected=None, mask=None, alpha=0.45) -> np
     return out.astype(np.uint8)
 
 
-def save_png(path, rgb: np.ndarray) -> None:
+def save_png(path, rgb: np.ndarray, min_side: int = 512) -> None:
+    """Write a PNG, enlarged by an integer factor (nearest) so small slices stay readable."""
     from PIL import Image
 
-    Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(path)
+    rgb = np.asarray(rgb, dtype=np.uint8)
+    k = max(1, -(-min_side // max(rgb.shape[:2])))
+    if k > 1:
+        rgb = rgb.repeat(k, axis=0).repeat(k, axis=1)
+    Image.fromarray(rgb).save(path)
