@@ -132,12 +132,6 @@ def pack(t: torch.Tensor, packing: dict, fill: torch.Tensor | None = None) -> to
     return out.view(n_win, n_slots, *t.shape[1:]).transpose(1, 2)
 
 
-def unpack(t: torch.Tensor, packing: dict) -> torch.Tensor:
-    """(W, heads, S, d) -> (M, heads, d), real query slots only."""
-    w, h, s, d = t.shape
-    return t.transpose(1, 2).reshape(w * s, h, d).index_select(0, packing["query_index"])
-
-
 def _attend(q, k, v, bias, key_bias, scale):
     """softmax(q k^T * scale + bias + key_bias) v for (W, heads, S, d) slots."""
     w, h, sq, _ = q.shape
