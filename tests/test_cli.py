@@ -56,3 +56,12 @@ def test_info_lists_models_methods_devices(capsys):
     out = capsys.readouterr().out
     for word in ("litemedsam", "vit_b", "medsam", "structsam", "cpu"):
         assert word in out
+
+
+def test_import_is_light():
+    # napari imports plugins at start-up: torch and the models load only when used
+    import subprocess
+    import sys
+
+    code = "import sys, structsam; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
