@@ -141,11 +141,11 @@ class Plan:
         return self._cache
 
     def buckets(self) -> dict:
-        """Windows split in two size classes for attention (cached).
+        """Windows split in up to three size classes for attention (cached).
 
         Padding every window to the fullest one wastes most of the attention when flat windows
         keep a few tokens and windows on edges keep all: windows sorted by fill are cut where
-        the padded cost, small.n * small.S^2 + large.n * large.S^2, is least. Returns ``rows``
+        the padded cost, sum over classes of windows * slots^2, is least. Returns ``rows``
         (total rows), ``query_index`` (M,) row of each reduced token, ``pad_rows``, and
         ``parts``: per class (row offset, windows, slots, pos (n, S), key_bias (n, 1, 1, S)).
         """
@@ -157,21 +157,23 @@ class Plan:
         n_win = fill.numel()
         order = torch.argsort(fill, stable=True)
         sizes = fill[order]
-        ks = torch.arange(1, n_win + 1, device=dev)
-        cost = ks * sizes[ks - 1] ** 2 + (n_win - ks) * sizes[-1] ** 2
-        k = int(torch.argmin(cost)) + 1
+        # three classes: try every pair of cuts i < j at once (W x W costs, no loops)
+        sq = sizes.double() ** 2
+        cut = torch.arange(1, n_win + 1, device=dev)
+        i, j = cut[:, None], cut[None, :]
+        cost = i * sq[i - 1] + (j - i) * sq[j - 1] + (n_win - j) * sq[-1]
+        cost = cost.masked_fill(j < i, float("inf"))
+        best = int(torch.argmin(cost))
+        i, j = best // n_win + 1, best % n_win + 1
         rank = torch.empty_like(order)
         rank[order] = torch.arange(n_win, device=dev)
-        classes = [(0, k, int(sizes[k - 1]))]
-        if k < n_win:
-            classes.append((k, n_win - k, int(sizes[-1])))
+        bounds = [(0, i), (i, j), (j, n_win)]
+        classes = [(a, b - a, int(sizes[b - 1])) for a, b in bounds if b > a]
         offset = torch.zeros(n_win, dtype=torch.long, device=dev)
-        stride = torch.zeros(n_win, dtype=torch.long, device=dev)
         row, parts = 0, []
         for first, count, slots in classes:
             members = (rank >= first) & (rank < first + count)
             offset[members] = row + (rank[members] - first) * slots
-            stride[members] = slots
             wins = order[first : first + count]
             base = pk["pos"][wins, :slots]
             valid = pk["key_valid"][wins, :slots]
