@@ -74,15 +74,17 @@ def quality_curve(
     predictor = Predictor(model)
     unpatch(model)
     results: list[CaseResult] = []
+    dense_masks = []
     for case in cases:
         flops = _encode(predictor, case.image)
         mask = _box_mask(predictor, case.box)
         stab = noise_stability(predictor, case)
         results.append(CaseResult(case.name, case.kind, dice(mask, case.mask), stab, flops))
-        results[-1].merged["dense_mask"] = mask
+        dense_masks.append(mask)
     kept = [r.dice_dense >= min_dice for r in results]
     good = [c for c, k in zip(cases, kept, strict=True) if k]
     good_res = [r for r, k in zip(results, kept, strict=True) if k]
+    good_masks = [m for m, k in zip(dense_masks, kept, strict=True) if k]
     log(f"well-posed: {len(good)} of {len(cases)} cases (unmerged Dice >= {min_dice})")
     # calibration cases: spread over kinds
     step = max(1, len(good) // calib_count)
@@ -100,13 +102,13 @@ def quality_curve(
                 continue
             key = f"{mode}@{red:.2f}"
             settings.append({"key": key, "mode": mode, "target": red, "rate": rate})
-            for case, res in zip(good, good_res, strict=True):
+            for case, res, dense_mask in zip(good, good_res, good_masks, strict=True):
                 prompts = {"box": case.box} if mode == "prompt" else None
                 flops = _encode(predictor, case.image, prompts)
                 mask = _box_mask(predictor, case.box)
                 res.merged[key] = {
                     "dice": dice(mask, case.mask),
-                    "fidelity": iou(mask, res.merged["dense_mask"]),
+                    "fidelity": iou(mask, dense_mask),
                     "flops": flops,
                 }
             s = summarize(good_res, key)
@@ -116,8 +118,6 @@ def quality_curve(
                 f"Dice drop {s['dice_drop'] * 100:.2f} pt, fidelity {s['fidelity_mean']:.4f}"
             )
     unpatch(model)
-    for r in results:
-        r.merged.pop("dense_mask", None)
     return {
         "method": method,
         "n_cases": len(cases),
@@ -175,62 +175,55 @@ def stock_litemedsam():
     return net.eval()
 
 
+def _speed_row(label, make, image, reduction, repeats, calib_images=None, extra=None) -> dict:
+    """Calibrate a fresh model to ``reduction`` and time it against an unmerged twin."""
+    from .transforms import prepare_image
+
+    merged, dense = make(), make()
+    rate = calibrate(merged, "structsam", reduction, images=calib_images)
+    cut = 1 - encoder_flops(merged, image) / encoder_flops(dense, image)
+    x, _ = prepare_image(image, merged.structsam_spec)
+    encoders = {"dense": dense.image_encoder, "merged": merged.image_encoder, **(extra or {})}
+    t = time_encoders(encoders, x, repeats=repeats)
+    return {
+        "model": label,
+        "rate": rate,
+        "flops_cut": cut,
+        **t,
+        "merged_vs_dense": t["dense"] / t["merged"],
+    }
+
+
 def speed_report(reduction=0.30, repeats=5, vit=True, log=print) -> dict:
     """Encoder wall-clock, merged against unmerged, timed side by side in one run."""
     from .flops import default_images
     from .models import load_model
-    from .transforms import prepare_image
 
     out = {"threads": torch.get_num_threads(), "reduction_target": reduction, "rows": []}
     image = default_images()[0]
-    model = load_model("litemedsam")
-    rate = calibrate(model, "structsam", reduction)
-    merged_cut = 1 - encoder_flops(model, image) / encoder_flops(load_model("litemedsam"), image)
-    dense = load_model("litemedsam")
-    stock = stock_litemedsam()
-    x, _ = prepare_image(image, model.structsam_spec)
-    t = time_encoders(
-        {
-            "stock": stock.image_encoder,
-            "dense": dense.image_encoder,
-            "merged": model.image_encoder,
-        },
-        x,
-        repeats=repeats,
+    row = _speed_row(
+        "litemedsam",
+        lambda: load_model("litemedsam"),
+        image,
+        reduction,
+        repeats,
+        extra={"stock": stock_litemedsam().image_encoder},
     )
-    out["rows"].append(
-        {
-            "model": "litemedsam",
-            "rate": rate,
-            "flops_cut": merged_cut,
-            **t,
-            "merged_vs_dense": t["dense"] / t["merged"],
-            "shipped_vs_stock": t["stock"] / t["merged"],
-            "folding_vs_stock": t["stock"] / t["dense"],
-        }
-    )
-    log(out["rows"][-1])
+    row["shipped_vs_stock"] = row["stock"] / row["merged"]
+    row["folding_vs_stock"] = row["stock"] / row["dense"]
+    out["rows"].append(row)
+    log(row)
     if vit:
-        vit_b = load_model("vit_b", checkpoint="random")
-        rate = calibrate(vit_b, "structsam", reduction, images=[image])
-        dense_b = load_model("vit_b", checkpoint="random")
-        cut = 1 - encoder_flops(vit_b, image) / encoder_flops(dense_b, image)
-        x, _ = prepare_image(image, vit_b.structsam_spec)
-        t = time_encoders(
-            {"dense": dense_b.image_encoder, "merged": vit_b.image_encoder},
-            x,
-            repeats=repeats,
+        row = _speed_row(
+            "vit_b (random weights)",
+            lambda: load_model("vit_b", checkpoint="random"),
+            image,
+            reduction,
+            repeats,
+            calib_images=[image],
         )
-        out["rows"].append(
-            {
-                "model": "vit_b (random weights)",
-                "rate": rate,
-                "flops_cut": cut,
-                **t,
-                "merged_vs_dense": t["dense"] / t["merged"],
-            }
-        )
-        log(out["rows"][-1])
+        out["rows"].append(row)
+        log(row)
     return out
 
 

@@ -209,10 +209,8 @@ class Plan:
             self._cache["full_query_index"] = win * g.win**2 + g.local_pos.repeat(self.batch)
         return self._cache["full_query_index"]
 
-    def query_pos(self, full: bool) -> torch.Tensor:
-        """(W, Sq) window position of each query slot: reduced tokens, or every position."""
-        if not full:
-            return self.packing()["pos"]
+    def full_query_pos(self) -> torch.Tensor:
+        """(W, win*win) window position of every query slot of the dense window layout."""
         n_win = self.batch * self.grid.n_windows
         return torch.arange(self.grid.win**2, device=self.rep.device).expand(n_win, -1)
 

@@ -189,7 +189,7 @@ def _full_query_attention(kv, splits, plan, scale, bias_fn, pad_kv, q):
     qs.index_copy_(0, plan.full_query_index(), q)
     qs = qs.view(n_win, g.win**2, *q.shape[1:]).transpose(1, 2)
     cache = plan._cache.setdefault("full_bias_index", {})
-    bias = bias_fn(qs, plan.query_pos(True), pk["pos"], cache)
+    bias = bias_fn(qs, plan.full_query_pos(), pk["pos"], cache)
     out = _attend(qs, k, v, bias, plan.key_bias(), scale)
     w, h, sq, _ = out.shape
     return out.transpose(1, 2).reshape(w * sq, h, -1).index_select(0, plan.full_query_index())
