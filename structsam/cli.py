@@ -145,6 +145,78 @@ def cmd_speed(args) -> int:
     return 0
 
 
+def _bench_cases(args, quality: bool):
+    from . import samples
+
+    if args.data:
+        from .datasets import load_dataset
+
+        return load_dataset(args.data, limit=args.limit)
+    cases = samples.evaluation_cases(n_lesions=args.lesions) + samples.anatomy_cases()
+    if not quality:  # random weights: FLOPs, time and distortion need only a few images
+        cases = cases[: args.random_weight_cases]
+    return cases[: args.limit] if args.limit else cases
+
+
+def cmd_bench(args) -> int:
+    import json
+
+    import torch
+    from tqdm import tqdm
+
+    import structsam
+
+    from .bench import bench_model, plan_settings
+    from .report import bench_plots, bench_table
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoints = {}
+    for item in args.checkpoint or []:
+        model_name, sep, value = item.partition("=")
+        if not sep:
+            raise StructSAMError(f"--checkpoint takes MODEL=PATH (or MODEL=random), got {item!r}")
+        checkpoints[model_name] = value
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    reductions = [float(r) for r in args.flops_reductions.split(",")]
+    modes = tuple(m.strip() for m in args.modes.split(","))
+    results = []
+    for name in models:
+        ckpt = checkpoints.get(name)
+        quality = ckpt != "random"
+        model = structsam.load_model(name, checkpoint=ckpt, device=args.device)
+        cases = _bench_cases(args, quality)
+        settings = plan_settings(methods, reductions, modes)
+        fast = not quality
+        total = len(cases) * (len(settings) + 1)
+        with tqdm(total=total, desc=name, unit="encode", disable=args.quiet) as bar:
+            res = bench_model(
+                name + (" (random weights)" if not quality else ""),
+                model,
+                cases,
+                settings,
+                prompt=args.prompt,
+                jitter=args.jitter,
+                quality=quality,
+                repeats=args.repeats,
+                calib_count=1 if fast else args.calibration_cases,
+                spectral_count=1 if fast else 2,
+                progress=bar.update,
+                log=bar.write,
+            )
+        results.append(res)
+        del model
+        tables = "\n".join(bench_table(r) for r in results)
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+        (out / "results.md").write_text(tables)
+        bench_plots(results, out / "bench.png")
+    print(tables)
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'bench.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="structsam", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -184,6 +256,32 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-vit", action="store_true", help="skip SAM ViT-B (slow on a CPU)")
     sp.add_argument("--out", default="eval_out")
     sp.set_defaults(func=cmd_speed)
+    be = sub.add_parser(
+        "bench", help="all merge methods against the unmerged encoder, at matched FLOPs"
+    )
+    be.add_argument("--models", default="litemedsam", help="comma-separated, e.g. litemedsam,vit_b")
+    be.add_argument(
+        "--checkpoint",
+        action="append",
+        metavar="MODEL=PATH",
+        help="checkpoint per model (MODEL=random: random weights, no quality figures)",
+    )
+    be.add_argument("--methods", default="structsam,tome,pitome,tomesd,vidtome,algm,random")
+    be.add_argument("--flops-reductions", default="0.25,0.30,0.40")
+    be.add_argument("--modes", default="plain,prompt", help="plain (content only), prompt")
+    be.add_argument("--prompt", default="box", choices=["box", "point", "box+point"])
+    be.add_argument("--jitter", type=float, default=0.0, help="box jitter, fraction of its side")
+    be.add_argument("--data", default=None, help="dataset folder/file (default: bundled cases)")
+    be.add_argument("--limit", type=int, default=None, help="use at most this many cases")
+    be.add_argument("--lesions", type=int, default=24)
+    be.add_argument("--random-weight-cases", type=int, default=2)
+    be.add_argument("--calibration-cases", type=int, default=4)
+    be.add_argument("--repeats", type=int, default=5, help="timed encodes per setting")
+    be.add_argument("--device", default="cpu")
+    be.add_argument("--threads", type=int, default=2)
+    be.add_argument("--quiet", action="store_true", help="no progress bar")
+    be.add_argument("--out", default="bench_out")
+    be.set_defaults(func=cmd_bench)
     info = sub.add_parser("info", help="list models, methods and devices")
     info.set_defaults(func=cmd_info)
     return parser

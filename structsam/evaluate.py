@@ -143,6 +143,12 @@ def summarize(results: list[CaseResult], key: str) -> dict:
     }
 
 
+def _sync(tensor: torch.Tensor) -> None:
+    """GPU kernels run asynchronously: wait for them before reading the clock."""
+    if tensor.device.type == "cuda":
+        torch.cuda.synchronize(tensor.device)
+
+
 def time_encoders(encoders: dict, image: torch.Tensor, repeats=5, warmup=1, seed=0) -> dict:
     """Median seconds per encoder forward, the encoders interleaved so noise hits all alike.
 
@@ -158,8 +164,10 @@ def time_encoders(encoders: dict, image: torch.Tensor, repeats=5, warmup=1, seed
                 fn(image)
         for _ in range(repeats):
             for name in rng.permutation(names):
+                _sync(image)
                 start = time.perf_counter()
                 encoders[name](image)
+                _sync(image)
                 times[name].append(time.perf_counter() - start)
     return {name: float(np.median(t)) for name, t in times.items()}
 

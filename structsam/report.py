@@ -76,3 +76,200 @@ def speed_table(res: dict) -> str:
         "build (BatchNorm folded); shipped = folded + StructSAM merging."
     )
     return "\n".join(lines) + "\n"
+
+
+def _pct(x) -> str:
+    return "–" if x is None or x != x else f"{100 * x:.1f}%"
+
+
+def bench_verdicts(res: dict) -> list[str]:
+    """Per target cut: does StructSAM have the best fidelity and the smallest Dice drop?
+
+    Content-only StructSAM is compared with the baselines; prompt-aware StructSAM with the
+    baselines too (they cannot use the prompt). Only settings that reached their target count.
+    """
+    if not res.get("quality"):
+        return []
+    lines = []
+    ok = [s for s in res["settings"] if "dice_drop" in s]
+    for target in sorted({s["target"] for s in ok}):
+        at = [s for s in ok if s["target"] == target]
+        rivals = [s for s in at if s["method"] not in ("structsam", "random")]
+        for mode in ("plain", "prompt"):
+            ours = [s for s in at if s["method"] == "structsam" and s["mode"] == mode]
+            if not ours or not rivals:
+                continue
+            o = ours[0]
+            best_fid = max(rivals, key=lambda s: s["fidelity"])
+            best_drop = min(rivals, key=lambda s: s["dice_drop"])
+            fid_ok = o["fidelity"] > best_fid["fidelity"]
+            drop_ok = o["dice_drop"] < best_drop["dice_drop"]
+            label = "prompt-aware" if mode == "prompt" else "content-only"
+            lines.append(
+                f"- −{target:.0%}, StructSAM {label}: fidelity {o['fidelity']:.4f} vs best "
+                f"baseline {best_fid['fidelity']:.4f} ({best_fid['method']}) → "
+                f"{'best' if fid_ok else 'NOT best'}; Dice drop {100 * o['dice_drop']:.2f} pt "
+                f"vs {100 * best_drop['dice_drop']:.2f} pt ({best_drop['method']}) → "
+                f"{'smallest' if drop_ok else 'NOT smallest'}"
+            )
+    return lines
+
+
+def bench_table(res: dict) -> str:
+    """Markdown: one row per setting plus the unmerged model, for one model's results."""
+    u = res["unmerged"]
+    head = (
+        f"### {res['model']}\n\n"
+        f"{res['prompt']} prompts, {res['n_cases']} cases"
+        + (
+            f", {res['n_well_posed']} well-posed (unmerged Dice ≥ 0.8 and noise-stable); "
+            f"quality is averaged over those"
+            if res["quality"]
+            else "; random weights: masks are meaningless, so no quality columns"
+        )
+        + f". Wall-clock: {res['device']}, {res['threads']} threads, median of interleaved "
+        f"repeats on `{res['timing_case']}`.\n\n"
+    )
+    if res["quality"]:
+        cols = (
+            "| method | mode | target | rate | FLOPs cut | mIoU | Dice | Dice drop (pt) "
+            "| boundary IoU | fidelity IoU | fidelity min | spectral dist. | encoder s | speed-up "
+            "| peak MB |"
+        )
+        sep = "|" + "---|" * 15
+        rows = [
+            f"| unmerged | – | – | – | 0% | {u['iou']:.4f} | {u['dice']:.4f} | – "
+            f"| {u['boundary_iou']:.4f} | 1 | 1 | 0 | {u['seconds']:.3f} | 1.00× "
+            f"| {u['peak_memory'] / 2**20:.0f} |"
+        ]
+    else:
+        cols = (
+            "| method | mode | target | rate | FLOPs cut | GFLOP | spectral dist. | encoder s "
+            "| speed-up | peak MB |"
+        )
+        sep = "|" + "---|" * 10
+        rows = [
+            f"| unmerged | – | – | – | 0% | {u['flops'] / 1e9:.1f} | 0 | {u['seconds']:.3f} "
+            f"| 1.00× | {u['peak_memory'] / 2**20:.0f} |"
+        ]
+    for s in sorted(res["settings"], key=lambda s: (s["target"], s["mode"], s["method"])):
+        mode = "prompt-aware" if s["mode"] == "prompt" else "content"
+        if "flops_cut" not in s:
+            n = 15 if res["quality"] else 10
+            rows.append(
+                f"| {s['method']} | {mode} | {s['target']:.0%} | out of reach"
+                + " | –" * (n - 4)
+                + " |"
+            )
+            continue
+        common = (
+            f"| {s['method']} | {mode} | {s['target']:.0%} | {s['rate']:.3f} "
+            f"| {_pct(s['flops_cut'])} "
+        )
+        tail = (
+            f"| {s['spectral_distortion']:.4f} | {s['seconds']:.3f} | {s['speedup']:.2f}× "
+            f"| {s['peak_memory'] / 2**20:.0f} |"
+        )
+        if res["quality"]:
+            rows.append(
+                common + f"| {s['iou']:.4f} | {s['dice']:.4f} | {100 * s['dice_drop']:+.2f} "
+                f"| {s['boundary_iou']:.4f} | {s['fidelity']:.4f} | {s['fidelity_min']:.4f} " + tail
+            )
+        else:
+            rows.append(common + f"| {s['flops'] / 1e9:.1f} " + tail)
+    text = head + "\n".join([cols, sep, *rows]) + "\n"
+    verdicts = bench_verdicts(res)
+    if verdicts:
+        text += "\n" + "\n".join(verdicts) + "\n"
+    ill = res["unmerged"].get("ill_posed")
+    if ill:
+        text += (
+            f"\nIll-posed cases reported apart ({ill['n']}: whole-organ/tissue masks, a box does "
+            f"not say which structure is meant): unmerged Dice {ill['dice']:.4f}; "
+            + ", ".join(
+                f"{s['method']}/{s['mode']}@{s['target']:.0%} {s['ill_posed']['dice']:.4f}"
+                for s in res["settings"]
+                if "ill_posed" in s and s["target"] == max(x["target"] for x in res["settings"])
+            )
+            + ".\n"
+        )
+    notes = [s for s in res["settings"] if s.get("note")]
+    if notes:
+        text += (
+            "\nOut of reach: "
+            + "; ".join(f"{s['method']}/{s['mode']}@{s['target']:.0%}: {s['note']}" for s in notes)
+            + "\n"
+        )
+    return text
+
+
+def bench_plots(results: list[dict], path) -> None:
+    """Left: quality (Dice) against encoder GFLOPs per method; right: wall-clock against
+    GFLOPs. One column of panels per model; prompt-aware settings dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 2, figsize=(11, 4.2 * len(results)), squeeze=False)
+    methods = sorted({s["method"] for r in results for s in r["settings"]})
+    colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    for (ax_q, ax_t), res in zip(axes, results, strict=True):
+        u = res["unmerged"]
+        for method in methods:
+            for mode, style in (("plain", "-"), ("prompt", "--")):
+                pts = [
+                    s
+                    for s in res["settings"]
+                    if s["method"] == method and s["mode"] == mode and "flops" in s
+                ]
+                if not pts:
+                    continue
+                pts.sort(key=lambda s: -s["flops"])
+                gf = [u["flops"] / 1e9] + [s["flops"] / 1e9 for s in pts]
+                label = method + (" (prompt-aware)" if mode == "prompt" else "")
+                kw = {"color": colours[method], "ls": style, "marker": "o", "label": label}
+                if res["quality"]:
+                    ax_q.plot(gf, [100 * u["dice"]] + [100 * s["dice"] for s in pts], **kw)
+                ax_t.plot(gf, [u["seconds"]] + [s["seconds"] for s in pts], **kw)
+        if res["quality"]:
+            ax_q.set(
+                xlabel="encoder GFLOPs (mean per image)",
+                ylabel="mean Dice vs ground truth (%)",
+                title=f"{res['model']}: quality, {res['n_well_posed']} well-posed "
+                f"{res['prompt']} prompts",
+            )
+            ax_q.invert_xaxis()
+        else:
+            spec = [s for s in res["settings"] if "spectral_distortion" in s]
+            for method in methods:
+                pts = sorted(
+                    (s for s in spec if s["method"] == method and s["mode"] == "plain"),
+                    key=lambda s: s["flops"],
+                )
+                if pts:
+                    ax_q.plot(
+                        [s["flops"] / 1e9 for s in pts],
+                        [s["spectral_distortion"] for s in pts],
+                        color=colours[method],
+                        marker="o",
+                        label=method,
+                    )
+            ax_q.set(
+                xlabel="encoder GFLOPs",
+                ylabel="spectral distortion (mean |Δλ|)",
+                title=f"{res['model']}: spectral distortion (no quality: random weights)",
+            )
+            ax_q.invert_xaxis()
+        ax_t.set(
+            xlabel="encoder GFLOPs",
+            ylabel="encoder wall-clock (s, median)",
+            title=f"{res['model']}: wall-clock on {res['device']}, {res['threads']} threads",
+        )
+        ax_t.invert_xaxis()
+        for ax in (ax_q, ax_t):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -83,11 +83,15 @@ class MergeState:
         self.prompts = prompts
         self.seed = seed
         self.info: list[BlockMergeInfo] = []
+        # diagnostics (spectral distortion): keep each stage's first block input, image 0
+        self.record_features = False
+        self.features: dict[int, torch.Tensor] = {}
         self._assign: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._plans: dict[tuple[int, int | None], Plan] = {}
 
     def begin_forward(self) -> None:
         self.info = []
+        self.features = {}
         self._assign.clear()
         self._plans.clear()
 
@@ -108,6 +112,8 @@ class MergeState:
                 )
             gen = torch.Generator(device=x.device).manual_seed(self.seed + block)
             feat = x.detach().view(x.shape[0], height, width, -1)
+            if self.record_features:
+                self.features[stage] = feat[0].clone()
             dst, protected = self.method.fn(
                 feat, grid, rate, protect, generator=gen, **self.options
             )
