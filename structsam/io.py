@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,12 @@ __all__ = [
     "WRITE_FORMATS",
     "file_format",
     "read_image",
+    "read_dicom_series",
+    "read_labels",
+    "read_layer_data",
     "read_volume",
+    "write_labels",
+    "write_labels_layer",
     "write_mask",
 ]
 
@@ -224,40 +230,101 @@ def _read_dicom(path: Path, slice_index: int | None, axis: int) -> tuple[np.ndar
     return arr, meta
 
 
-def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Data (float32, scaling applied) and affine of a NIfTI file, reoriented to canonical RAS+,
-    as an (x, y, z) array."""
-    import nibabel as nib
+def _canonical(data_xyz: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reorient an (x, y, z) array and its affine to the closest canonical RAS+ orientation."""
     from nibabel import orientations as ornt_mod
+
+    orientation = ornt_mod.io_orientation(affine)
+    data = ornt_mod.apply_orientation(data_xyz, orientation)
+    affine = affine @ ornt_mod.inv_ornt_aff(orientation, data_xyz.shape)
+    return np.ascontiguousarray(data), affine
+
+
+def _extra_volumes(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The dimensions after the third of a NIfTI shape, with singleton ones dropped."""
+    return tuple(int(s) for s in shape[3:] if s != 1)
+
+
+def _load_nifti(
+    path: Path, volume_index: int | None = None, scaled: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Data (float32 with scaling applied, or the raw stored values when ``scaled=False``) and
+    affine of a NIfTI file, reoriented to canonical RAS+, as an (x, y, z) array.
+
+    4D/5D files need ``volume_index``: the volumes are numbered over the dimensions after the
+    third (singleton ones dropped) in C order, the last one fastest.
+    """
+    import nibabel as nib
 
     img = nib.load(path)
     shape = tuple(int(s) for s in img.shape)
-    # Trailing singleton dimensions beyond the third (a 4D file with one volume) are dropped.
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    if len(shape) == 4:
-        raise ImageError(
-            f"{path} is a 4D NIfTI with {shape[3]} volumes (shape {shape}); structsam reads one "
-            "3D volume: pick a volume first, e.g. nilearn.image.index_img(path, k) or "
-            f"fslroi {path.name} out.nii.gz k 1"
-        )
-    if len(shape) > 4:
+    extra = _extra_volumes(shape)
+    n_volumes = int(np.prod(extra)) if extra else 1
+    if len(shape) > 5:
         raise ImageError(f"{path}: a NIfTI with shape {shape} has too many dimensions")
-    data = np.asarray(img.get_fdata(dtype=np.float32))
-    data = data.reshape(shape + (1,) * (3 - len(shape)))
-    affine = np.asarray(img.affine, dtype=np.float64)
-    orientation = ornt_mod.io_orientation(affine)
-    data = ornt_mod.apply_orientation(data, orientation)
-    affine = affine @ ornt_mod.inv_ornt_aff(orientation, shape + (1,) * (3 - len(shape)))
-    return np.ascontiguousarray(data, dtype=np.float32), affine
+    if n_volumes > 1 and volume_index is None:
+        kind = f"{len(shape)}D"
+        raise ImageError(
+            f"{path} is a {kind} NIfTI with {n_volumes} volumes (shape {shape}); structsam reads "
+            f"one 3D volume: pick a volume with volume_index=0..{n_volumes - 1} (--volume K on "
+            "the command line)"
+        )
+    if volume_index is not None and not 0 <= int(volume_index) < n_volumes:
+        raise ImageError(
+            f"{path}: volume {volume_index} is out of range; the file holds {n_volumes} "
+            f"volume(s) (0..{n_volumes - 1})"
+        )
+    # Index the trailing dimensions on the proxy, so only the chosen volume is read.
+    index = [0] * (len(shape) - 3)
+    if extra:
+        picked = iter(np.unravel_index(int(volume_index or 0), extra))
+        index = [int(next(picked)) if s != 1 else 0 for s in shape[3:]]
+    slicer = (slice(None),) * min(len(shape), 3) + tuple(index)
+    if scaled:
+        data = np.asarray(img.dataobj[slicer], dtype=np.float32)
+    else:
+        data = np.asanyarray(img.dataobj.get_unscaled()[slicer])
+    data = data.reshape(shape[:3] + (1,) * (3 - len(shape[:3])))
+    data, affine = _canonical(data, np.asarray(img.affine, dtype=np.float64))
+    return (data.astype(np.float32, copy=False) if scaled else data), affine
 
 
-def _nifti_zyx(path: Path) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
-    data_xyz, affine = _load_nifti(path)
-    vol = np.ascontiguousarray(data_xyz.transpose(2, 1, 0))
+def _spacing_zyx(affine: np.ndarray) -> tuple[float, float, float]:
     voxel = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))  # (x, y, z) voxel sizes
-    spacing = (float(voxel[2]), float(voxel[1]), float(voxel[0]))
-    return vol, spacing, affine
+    return float(voxel[2]), float(voxel[1]), float(voxel[0])
+
+
+def _nifti_zyx(
+    path: Path, volume_index: int | None = None
+) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
+    data_xyz, affine = _load_nifti(path, volume_index)
+    vol = np.ascontiguousarray(data_xyz.transpose(2, 1, 0))
+    return vol, _spacing_zyx(affine), affine
+
+
+def _replace_nonfinite(vol: np.ndarray, path: Path, nonfinite: str) -> np.ndarray:
+    """Refuse or replace NaN/inf voxels (``nonfinite`` = ``"error"`` or ``"replace"``)."""
+    if nonfinite not in ("error", "replace"):
+        raise ImageError(f"nonfinite must be 'error' or 'replace', not {nonfinite!r}")
+    if vol.dtype.kind != "f":
+        return vol
+    finite = np.isfinite(vol)
+    if finite.all():
+        return vol
+    bad = int(finite.size - np.count_nonzero(finite))
+    if not finite.any():
+        raise ImageError(f"{path}: every voxel is NaN or infinite; there is no image to read")
+    fill = vol[finite].min()
+    if nonfinite == "error":
+        raise ImageError(
+            f"{path}: {bad} voxels are NaN or infinite; pass nonfinite='replace' to set them to "
+            f"the smallest finite value ({fill:g})"
+        )
+    warnings.warn(
+        f"{path}: {bad} NaN/infinite voxels were set to the smallest finite value ({fill:g})",
+        stacklevel=3,
+    )
+    return np.where(finite, vol, fill).astype(vol.dtype, copy=False)
 
 
 def _wrap_errors(path: Path, func: Callable[[], Any]) -> Any:
@@ -275,17 +342,326 @@ def _wrap_errors(path: Path, func: Callable[[], Any]) -> Any:
         ) from exc
 
 
-def read_volume(path: PathLike) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
-    """Read a NIfTI volume as ``(volume_zyx float32, spacing_zyx, affine)``.
+# --------------------------------------------------------------------------------------------
+# DICOM series
 
-    The volume is reoriented to the closest canonical RAS+ orientation and transposed to
-    ``(Z, Y, X)`` (see the module docstring); ``spacing_zyx`` is in the same order and
-    ``affine`` is the canonical affine of the nibabel ``(x, y, z)`` voxel order.  Scaling
-    (``scl_slope``/``scl_inter``) is applied.  A 2D NIfTI comes back with Z = 1.
+# Relative spread of the slice gaps above which a series counts as irregularly spaced.
+_GAP_TOLERANCE = 0.01
+# An LPS (DICOM patient) direction -> RAS (NIfTI world) direction.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+def _dicom_files(folder: Path) -> list[Path]:
+    if not folder.exists():
+        raise ImageError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise ImageError(f"{folder}: not a folder of DICOM slices")
+    entries = sorted(folder.iterdir())
+    files = [f for f in entries if f.is_file() and not f.name.startswith(".")]
+    # DICOMDIR is an index of the files, not an image
+    files = [f for f in files if f.name.upper() != "DICOMDIR"]
+    if not files:
+        subs = [d.name for d in entries if d.is_dir() and not d.name.startswith(".")]
+        hint = f"; it has sub-folders, pick one: {', '.join(subs[:10])}" if subs else ""
+        raise ImageError(f"{folder}: the folder holds no DICOM files{hint}")
+    return files
+
+
+def _read_dicom_headers(files: list[Path]) -> list[Any]:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    datasets, not_dicom = [], []
+    for f in files:
+        try:
+            try:
+                datasets.append(pydicom.dcmread(f))
+            except InvalidDicomError:
+                # older files lack the 128-byte preamble; accept them if they parse as images
+                ds = pydicom.dcmread(f, force=True)
+                if "PixelData" not in ds and "SOPClassUID" not in ds:
+                    raise
+                datasets.append(ds)
+        except InvalidDicomError:
+            not_dicom.append(f.name)
+        except Exception as exc:  # pydicom raises many types for a damaged file
+            detail = str(exc).strip() or type(exc).__name__
+            raise ImageError(
+                f"{f}: cannot read the DICOM file; it may be truncated or corrupt ({detail})"
+            ) from exc
+    if not_dicom:
+        shown = ", ".join(not_dicom[:5]) + (" ..." if len(not_dicom) > 5 else "")
+        raise ImageError(
+            f"{files[0].parent}: {len(not_dicom)} of {len(files)} files are not DICOM "
+            f"({shown}); a series folder must hold only the slices of one series"
+        )
+    return datasets
+
+
+def _check_one_series(folder: Path, datasets: list[Any], files: list[Path]) -> None:
+    uids = [str(getattr(ds, "SeriesInstanceUID", "")) for ds in datasets]
+    distinct = sorted(set(uids))
+    if len(distinct) > 1:
+        counts = ", ".join(
+            f"{uid or '(no UID)'}: {uids.count(uid)} files "
+            f"{str(getattr(datasets[uids.index(uid)], 'SeriesDescription', '')).strip()!r}"
+            for uid in distinct[:5]
+        )
+        raise ImageError(
+            f"{folder}: the folder mixes {len(distinct)} DICOM series ({counts}); put each "
+            "series in its own folder"
+        )
+    missing = [f.name for f, ds in zip(files, datasets, strict=True) if "PixelData" not in ds]
+    if missing:
+        raise ImageError(f"{folder}: files without pixel data: {', '.join(missing[:5])}")
+    for attr in ("Rows", "Columns", "SamplesPerPixel"):
+        values = {int(getattr(ds, attr, 1) or 1) for ds in datasets}
+        if len(values) > 1:
+            raise ImageError(
+                f"{folder}: the slices differ in {attr} ({sorted(values)}); they are not one volume"
+            )
+    if int(getattr(datasets[0], "SamplesPerPixel", 1) or 1) != 1:
+        raise ImageError(f"{folder}: colour DICOM slices cannot form a grey volume")
+    frames = [f.name for f, ds in zip(files, datasets, strict=True) if _n_frames(ds) > 1]
+    if frames and len(datasets) > 1:
+        raise ImageError(
+            f"{folder}: multi-frame files ({', '.join(frames[:3])}) mixed with other files; "
+            "read a multi-frame file on its own"
+        )
+
+
+def _n_frames(ds: Any) -> int:
+    return int(getattr(ds, "NumberOfFrames", 1) or 1)
+
+
+def _floats(ds: Any, attr: str, n: int) -> np.ndarray | None:
+    value = getattr(ds, attr, None)
+    if value is None:
+        return None
+    try:
+        arr = np.asarray([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return arr if arr.shape == (n,) and np.isfinite(arr).all() else None
+
+
+def _slice_order(
+    folder: Path, datasets: list[Any]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, str]:
+    """Order of the slices, in-plane directions (LPS), slice step (LPS) and spacing."""
+    orients = [_floats(ds, "ImageOrientationPatient", 6) for ds in datasets]
+    positions = [_floats(ds, "ImagePositionPatient", 3) for ds in datasets]
+    if all(o is not None for o in orients):
+        stacked = np.stack(orients)
+        if np.abs(stacked - stacked[0]).max() > 1e-4:
+            raise ImageError(
+                f"{folder}: the slices have different orientations (ImageOrientationPatient); "
+                "they are not one volume"
+            )
+        row_dir, col_dir = stacked[0, :3], stacked[0, 3:]
+    else:
+        row_dir, col_dir = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+    normal = np.cross(row_dir, col_dir)
+    n = len(datasets)
+    thickness = getattr(datasets[0], "SpacingBetweenSlices", None) or getattr(
+        datasets[0], "SliceThickness", None
+    )
+    if all(p is not None for p in positions) and all(o is not None for o in orients):
+        pos = np.stack(positions)
+        along = pos @ normal  # position along the slice normal
+        order = np.argsort(along, kind="stable")
+        gaps = np.diff(along[order])
+        if n > 1 and gaps.min() < 1e-4:
+            raise ImageError(
+                f"{folder}: several files share one slice position; the folder may hold "
+                "more than one acquisition (echoes, time points): split them into folders"
+            )
+        if n > 1:
+            spacing = float(np.median(gaps))
+            if np.abs(gaps - spacing).max() > _GAP_TOLERANCE * spacing:
+                warnings.warn(
+                    f"{folder}: slice gaps vary from {gaps.min():g} to {gaps.max():g} mm (missing "
+                    f"slices?); the volume uses their median, {spacing:g} mm",
+                    stacklevel=4,
+                )
+            step = (pos[order[-1]] - pos[order[0]]) / (n - 1)
+        else:
+            spacing = float(thickness) if thickness else 1.0
+            step = normal * spacing
+        return order, row_dir, col_dir, step, "ImagePositionPatient"
+    numbers = [getattr(ds, "InstanceNumber", None) for ds in datasets]
+    if any(v is None for v in numbers):
+        raise ImageError(
+            f"{folder}: the slices carry neither ImagePositionPatient nor InstanceNumber, so "
+            "their order is unknown"
+        )
+    order = np.argsort(np.asarray([int(v) for v in numbers]), kind="stable")
+    spacing = float(thickness) if thickness else 1.0
+    warnings.warn(
+        f"{folder}: no slice positions; slices ordered by InstanceNumber with {spacing:g} mm "
+        "spacing",
+        stacklevel=4,
+    )
+    return order, row_dir, col_dir, normal * spacing, "InstanceNumber"
+
+
+def _rescaled(ds: Any, path: Path) -> np.ndarray:
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        detail = str(exc).strip() or type(exc).__name__
+        raise ImageError(
+            f"{path}: cannot decode the pixel data; the file may be truncated or corrupt ({detail})"
+        ) from exc
+    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+    # float64 first: int16 * a fractional slope must not round before the intercept is added
+    return (pixels.astype(np.float64) * slope + intercept).astype(np.float32)
+
+
+def _dicom_series(folder: Path) -> tuple[np.ndarray, tuple[float, float, float], dict]:
+    files = _dicom_files(folder)
+    datasets = _read_dicom_headers(files)
+    _check_one_series(folder, datasets, files)
+    if len(datasets) == 1 and _n_frames(datasets[0]) > 1:
+        raise ImageError(
+            f"{files[0]}: a single multi-frame DICOM file; read it with read_image(path, "
+            "slice_index=k)"
+        )
+    order, row_dir, col_dir, step, sorted_by = _slice_order(folder, datasets)
+    planes = [_rescaled(datasets[i], files[i]) for i in order]
+    data = np.stack(planes)  # (slice, row, column)
+    first = datasets[order[0]]
+    spacing_rc = _floats(first, "PixelSpacing", 2)
+    if spacing_rc is None:
+        spacing_rc = np.ones(2)
+    origin = _floats(first, "ImagePositionPatient", 3)
+    origin = np.zeros(3) if origin is None else origin
+    # voxel (column i, row j, slice k) -> patient position, then to RAS
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * spacing_rc[1]
+    lps[:3, 1] = col_dir * spacing_rc[0]
+    lps[:3, 2] = step
+    lps[:3, 3] = origin
+    affine = np.eye(4)
+    affine[:3] = _LPS_TO_RAS @ lps[:3]
+    data_xyz, affine = _canonical(data.transpose(2, 1, 0), affine)
+    vol = np.ascontiguousarray(data_xyz.transpose(2, 1, 0), dtype=np.float32)
+    meta = {
+        "affine": affine,
+        "files": [str(files[i]) for i in order],
+        "sorted_by": sorted_by,
+        "modality": str(getattr(first, "Modality", "")),
+        "series_uid": str(getattr(first, "SeriesInstanceUID", "")),
+        "series_description": str(getattr(first, "SeriesDescription", "")),
+    }
+    return vol, _spacing_zyx(affine), meta
+
+
+def read_dicom_series(
+    folder: PathLike, nonfinite: str = "replace"
+) -> tuple[np.ndarray, tuple[float, float, float], dict[str, Any]]:
+    """Read a folder of single-frame DICOM slices as ``(volume_zyx float32, spacing_zyx, meta)``.
+
+    Slices are sorted by ``ImagePositionPatient`` projected on the slice normal (the cross
+    product of the ``ImageOrientationPatient`` directions), or by ``InstanceNumber`` when the
+    positions are missing; each slice's ``RescaleSlope``/``RescaleIntercept`` is applied (CT
+    comes back in Hounsfield units).  The volume is then reoriented to the closest canonical
+    RAS+ orientation and laid out ``(Z, Y, X)`` exactly as :func:`read_volume` does for NIfTI,
+    so ``meta["affine"]`` (canonical, nibabel ``(x, y, z)`` voxel order) can be handed to
+    :func:`write_labels`.  ``meta`` also has ``files`` (in slice order), ``sorted_by``,
+    ``modality``, ``series_uid`` and ``series_description``.
+
+    Raises :class:`~structsam.errors.ImageError` for a missing or empty folder, files that are
+    not DICOM or are damaged, mixed series, slices of different sizes or orientations, and
+    duplicate slice positions.  Hidden files and ``DICOMDIR`` are ignored.
+    """
+    p = Path(folder)
+    vol, spacing, meta = _wrap_errors(p, lambda: _dicom_series(p))
+    return _replace_nonfinite(vol, p, nonfinite), spacing, meta
+
+
+def _npy_volume(path: Path) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
+    arr = np.load(path, allow_pickle=False)
+    if not isinstance(arr, np.ndarray) or arr.ndim not in (2, 3):
+        shape = getattr(arr, "shape", None)
+        raise ImageError(f"{path}: expected a 2D or 3D (Z, Y, X) array, got shape {shape}")
+    if arr.dtype.kind not in "biuf":
+        raise ImageError(f"{path}: array dtype {arr.dtype} is not a real numeric type")
+    vol = np.ascontiguousarray(arr.reshape((1,) * (3 - arr.ndim) + arr.shape), dtype=np.float32)
+    return vol, (1.0, 1.0, 1.0), np.eye(4)
+
+
+def read_volume(
+    path: PathLike, volume_index: int | None = None, nonfinite: str = "replace"
+) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
+    """Read a volume as ``(volume_zyx float32, spacing_zyx, affine)``.
+
+    ``path`` is a NIfTI file, a folder of DICOM slices (see :func:`read_dicom_series`) or a
+    ``.npy`` array taken as ``(Z, Y, X)`` with 1 mm spacing and an identity affine.  The volume
+    is reoriented to the closest canonical RAS+ orientation and transposed to ``(Z, Y, X)``
+    (see the module docstring); ``spacing_zyx`` is in the same order (napari's layer
+    ``scale``) and ``affine`` is the canonical affine of the nibabel ``(x, y, z)`` voxel
+    order.  NIfTI scaling (``scl_slope``/``scl_inter``) is applied.  A 2D NIfTI comes back
+    with Z = 1.
+
+    4D/5D NIfTI (time series, several echoes) need ``volume_index``, counted over the
+    dimensions after the third, the last fastest; the error says how many there are.
+    ``nonfinite``: ``"replace"`` (default) sets NaN/inf voxels to the smallest finite value
+    and warns with the count; ``"error"`` raises instead.
     """
     p = Path(path)
+    if p.is_dir():
+        vol, spacing, meta = read_dicom_series(p, nonfinite=nonfinite)
+        return vol, spacing, meta["affine"]
+    ext = _check_read_format(p, (*_NIFTI, ".npy"))
+    if ext == ".npy":
+        vol, spacing, affine = _wrap_errors(p, lambda: _npy_volume(p))
+    else:
+        vol, spacing, affine = _wrap_errors(p, lambda: _nifti_zyx(p, volume_index))
+    return _replace_nonfinite(vol, p, nonfinite), spacing, affine
+
+
+def read_labels(path: PathLike) -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
+    """Read a label volume written by :func:`write_labels` (or any integer NIfTI) as
+    ``(labels_zyx, spacing_zyx, affine)`` with the stored integer dtype, laid out like
+    :func:`read_volume`."""
+    p = Path(path)
     _check_read_format(p, _NIFTI)
-    return _wrap_errors(p, lambda: _nifti_zyx(p))
+
+    def load() -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
+        import nibabel as nib
+
+        img = nib.load(p)
+        slope, inter = img.header.get_slope_inter()
+        if img.get_data_dtype().kind not in "biu":
+            raise ImageError(f"{p}: stored as {img.get_data_dtype()}, not integer labels")
+        if slope not in (None, 1.0) or inter not in (None, 0.0):
+            raise ImageError(f"{p}: scaled data (slope {slope}, intercept {inter}), not labels")
+        data, affine = _load_nifti(p, scaled=False)
+        return np.ascontiguousarray(data.transpose(2, 1, 0)), _spacing_zyx(affine), affine
+
+    return _wrap_errors(p, load)
+
+
+def read_layer_data(path: PathLike, volume_index: int | None = None) -> list[tuple]:
+    """napari layer data ``[(volume_zyx, kwargs, "image")]`` for a NIfTI file, a DICOM folder
+    or a ``.npy`` volume: ``scale`` is the voxel spacing (Z, Y, X) and ``metadata`` keeps what
+    :func:`write_labels_layer` needs to save labels back in the source's geometry."""
+    p = Path(path)
+    vol, spacing, affine = read_volume(p, volume_index=volume_index)
+    name = p.name[: -len(file_format(p))] if file_format(p) else p.name
+    source = str(p) if p.is_dir() or file_format(p) in _NIFTI else None
+    kwargs = {
+        "name": name,
+        "scale": spacing,
+        "metadata": {
+            "structsam_source": source,
+            "structsam_affine": affine,
+            "structsam_volume_index": volume_index,
+        },
+    }
+    return [(vol, kwargs, "image")]
 
 
 def read_image(
@@ -543,3 +919,124 @@ def write_mask(
 
     _atomic_write(p, writer)
     return p
+
+
+# NIfTI-1 integer types a label array may keep as they are; others are narrowed to these.
+_LABEL_DTYPES = (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.uint32)
+
+
+def _label_array(labels: Any) -> np.ndarray:
+    arr = np.asarray(labels)
+    if arr.dtype == bool:
+        return arr.astype(np.uint8)
+    if arr.dtype.kind not in "iu":
+        raise ImageError(
+            f"labels must be an integer array, got dtype {arr.dtype}; convert with "
+            "labels.astype(np.int32) if the values are whole numbers"
+        )
+    if arr.ndim not in (2, 3) or arr.size == 0:
+        raise ImageError(f"labels must be a (Z, Y, X) volume or a 2D slice, got {arr.shape}")
+    if arr.dtype.type in _LABEL_DTYPES:
+        return arr
+    low, high = int(arr.min()), int(arr.max())
+    for dtype in _LABEL_DTYPES:
+        info = np.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return arr.astype(dtype)
+    return arr  # values beyond 32 bits: kept as int64
+
+
+def _labels_like_nifti(labels: np.ndarray, ref: Any) -> Any:
+    """A NIfTI image of canonical ``(Z, Y, X)`` labels in ``ref``'s own voxel order, with its
+    header (so its affine, units and codes) unchanged apart from the data type and scaling."""
+    import nibabel as nib
+    from nibabel import orientations as ornt_mod
+
+    native_shape = tuple(int(s) for s in ref.shape[:3])
+    native_shape = native_shape + (1,) * (3 - len(native_shape))
+    orientation = ornt_mod.io_orientation(ref.affine)
+    canon_xyz = tuple(int(native_shape[int(a)]) for a in np.argsort(orientation[:, 0]))
+    if labels.ndim == 2:
+        labels = labels[None]
+    if labels.shape != canon_xyz[::-1]:
+        raise ImageError(
+            f"labels shape {labels.shape} does not match the reference volume "
+            f"{canon_xyz[::-1]} (Z, Y, X, as read_volume returns it)"
+        )
+    ras = ornt_mod.axcodes2ornt(("R", "A", "S"))
+    back = ornt_mod.ornt_transform(ras, orientation)
+    data = np.ascontiguousarray(ornt_mod.apply_orientation(labels.transpose(2, 1, 0), back))
+    header = ref.header.copy()
+    # affine None: the copied header's qform and sform are written exactly as they were
+    cls = nib.Nifti2Image if isinstance(ref, nib.Nifti2Image) else nib.Nifti1Image
+    img = cls(data.reshape(native_shape), None, header=header)
+    img.set_data_dtype(data.dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.header["cal_min"] = float(data.min())
+    img.header["cal_max"] = float(data.max())
+    return img
+
+
+def _labels_with_affine(labels: np.ndarray, affine: np.ndarray) -> Any:
+    import nibabel as nib
+
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise ImageError(f"reference affine must be a finite 4x4 matrix, got {affine.shape}")
+    if labels.ndim == 2:
+        labels = labels[None]
+    img = nib.Nifti1Image(np.ascontiguousarray(labels.transpose(2, 1, 0)), affine)
+    img.set_data_dtype(labels.dtype)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    return img
+
+
+def write_labels(path: PathLike, labels: np.ndarray, reference: Any = None) -> Path:
+    """Write an integer label volume ``(Z, Y, X)`` as NIfTI, atomically; returns the path.
+
+    ``labels`` is laid out as :func:`read_volume` returns volumes (canonical RAS+, ``(Z, Y,
+    X)``).  ``reference``:
+
+    * a NIfTI path or nibabel image (the source volume, 4D allowed): the labels are put back
+      into its own voxel order and saved with a copy of its header, so the affine (qform and
+      sform with their codes), units and every other header field are kept; only the data
+      type, scaling (1, 0) and ``cal_min``/``cal_max`` change;
+    * a DICOM folder: saved with the series' canonical affine;
+    * a 4x4 affine (``read_volume``'s third value) or ``None`` (identity).
+
+    The label values and their integer dtype come back unchanged from :func:`read_labels`
+    (bool is stored as uint8, int64 narrowed to the smallest NIfTI-1 type that holds the
+    values).  Raises :class:`~structsam.errors.ImageError` for non-integer labels, a wrong
+    shape or a non-NIfTI path; the temporary file is removed on any failure.
+    """
+    import nibabel as nib
+
+    p = Path(path)
+    if file_format(p) not in _NIFTI:
+        raise ImageError(f"{p}: labels are written as NIfTI; use a .nii.gz or .nii name")
+    arr = _label_array(labels)
+    if reference is None:
+        img = _labels_with_affine(arr, np.eye(4))
+    elif isinstance(reference, np.ndarray):
+        img = _labels_with_affine(arr, reference)
+    elif not isinstance(reference, nib.Nifti1Image | nib.Nifti2Image) and Path(reference).is_dir():
+        _, _, meta = read_dicom_series(reference)
+        img = _labels_with_affine(arr, meta["affine"])
+    else:
+        img = _labels_like_nifti(arr, _load_reference(reference))
+    _atomic_write(p, lambda tmp: nib.save(img, tmp))
+    return p
+
+
+def write_labels_layer(path: PathLike, data: Any, meta: dict[str, Any]) -> list[str]:
+    """napari writer for a labels layer: :func:`write_labels` with the reference that
+    :func:`read_layer_data` left in the source image layer's ``metadata`` (copy it onto the
+    labels layer); without one, the layer's ``scale`` gives a diagonal affine."""
+    metadata = meta.get("metadata") or {}
+    reference = metadata.get("structsam_source") or metadata.get("structsam_affine")
+    if reference is None and meta.get("scale") is not None:
+        scale = np.asarray(meta["scale"], dtype=np.float64)[-3:]
+        reference = np.diag([*scale[::-1], 1.0])
+    return [str(write_labels(path, np.asarray(data), reference))]

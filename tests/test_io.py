@@ -360,3 +360,263 @@ def test_file_format():
     assert sio.file_format("a/b/Scan.NII.GZ") == ".nii.gz"
     assert sio.file_format("x.tar.gz") == ".gz"
     assert sio.file_format("noext") == ""
+
+
+# ------------------------------------------------------------------------------------------
+# volumes: DICOM series, 4D/5D NIfTI, non-finite voxels, label writing, napari layer data
+
+# Anisotropic test geometry: 2.5 mm slices, 0.7 mm rows, 0.9 mm columns.
+SLICE_MM, ROW_MM, COL_MM = 2.5, 0.7, 0.9
+
+
+def write_dicom_series(folder, volume_rc, *, slopes=None, series_uid="1.2.3.4", shuffle=True):
+    """Write ``volume_rc`` (slice, row, column) int16 stored values as axial CT slices."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    n = volume_rc.shape[0]
+    slopes = np.ones(n) if slopes is None else slopes
+    order = np.random.default_rng(7).permutation(n) if shuffle else np.arange(n)
+    for file_no, k in enumerate(order):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.Modality = "CT"
+        ds.SeriesInstanceUID = series_uid
+        ds.SeriesDescription = "test series"
+        ds.InstanceNumber = int(k) + 1
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [-10.0, -20.0, 30.0 + SLICE_MM * int(k)]
+        ds.PixelSpacing = [ROW_MM, COL_MM]
+        ds.SliceThickness = SLICE_MM
+        ds.RescaleSlope = float(slopes[k])
+        ds.RescaleIntercept = -1024.0
+        ds.Rows, ds.Columns = volume_rc.shape[1:]
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 1
+        ds.PixelData = np.ascontiguousarray(volume_rc[k], dtype="<i2").tobytes()
+        # the first file without the preamble, as older scanners write them
+        preamble = file_no > 0
+        ds.save_as(folder / f"IM{file_no:04d}", enforce_file_format=preamble, implicit_vr=False)
+    return folder
+
+
+def dicom_volume(n=4, rows=6, cols=5):
+    rng = np.random.default_rng(8)
+    return rng.integers(0, 2000, (n, rows, cols)).astype(np.int16)
+
+
+def test_dicom_series_sorted_rescaled_and_scaled(tmp_path):
+    stored = dicom_volume()
+    slopes = np.array([1.0, 0.5, 2.0, 1.0])
+    folder = write_dicom_series(tmp_path / "ct", stored, slopes=slopes)
+    vol, spacing, meta = sio.read_dicom_series(folder)
+    hu = stored * slopes[:, None, None] - 1024.0
+    # LPS axial slices: columns run to patient left, rows to posterior; canonical RAS+ flips
+    # both, so the canonical (Z, Y, X) volume is the stored one flipped in-plane.
+    np.testing.assert_array_equal(vol, hu[:, ::-1, ::-1].astype(np.float32))
+    assert vol.dtype == np.float32
+    assert spacing == pytest.approx((SLICE_MM, ROW_MM, COL_MM))
+    assert meta["sorted_by"] == "ImagePositionPatient" and meta["modality"] == "CT"
+    assert nib.aff2axcodes(meta["affine"]) == ("R", "A", "S")
+    # world position of voxel (x, y, z) = (0, 0, 0): the far corner of the last row/column
+    corner = meta["affine"] @ [0, 0, 0, 1]
+    assert corner[:3] == pytest.approx([10.0 - (5 - 1) * COL_MM, 20.0 - (6 - 1) * ROW_MM, 30.0])
+    again, spacing2, affine = read_volume(folder)
+    np.testing.assert_array_equal(again, vol)
+    assert spacing2 == spacing
+    np.testing.assert_allclose(affine, meta["affine"])
+
+
+def test_dicom_series_falls_back_on_instance_number(tmp_path):
+    import pydicom
+
+    stored = dicom_volume(n=3)
+    folder = write_dicom_series(tmp_path / "s", stored)
+    for f in folder.iterdir():
+        ds = pydicom.dcmread(f, force=True)
+        del ds.ImagePositionPatient
+        ds.save_as(f)
+    with pytest.warns(UserWarning, match="InstanceNumber"):
+        vol, spacing, meta = sio.read_dicom_series(folder)
+    assert meta["sorted_by"] == "InstanceNumber"
+    np.testing.assert_array_equal(vol, (stored - 1024.0)[:, ::-1, ::-1])
+    assert spacing[0] == pytest.approx(SLICE_MM)
+
+
+def test_dicom_series_errors_are_clear(tmp_path):
+    with pytest.raises(ImageError, match="no such folder"):
+        sio.read_dicom_series(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImageError, match="no DICOM files"):
+        sio.read_dicom_series(tmp_path / "empty")
+
+    mixed = write_dicom_series(tmp_path / "mixed", dicom_volume(n=2))
+    other = write_dicom_series(tmp_path / "o", dicom_volume(n=2), series_uid="9.9")
+    for i, f in enumerate(sorted(other.iterdir())):
+        f.rename(mixed / f"other{i}")
+    with pytest.raises(ImageError, match=r"mixes 2 DICOM series.*own folder"):
+        sio.read_dicom_series(mixed)
+
+    sizes = write_dicom_series(tmp_path / "sizes", dicom_volume(n=2))
+    small = write_dicom_series(tmp_path / "sm", dicom_volume(n=1, rows=3))
+    next(small.iterdir()).rename(sizes / "small")
+    with pytest.raises(ImageError, match="differ in Rows"):
+        sio.read_dicom_series(sizes)
+
+    junk = write_dicom_series(tmp_path / "junk", dicom_volume(n=2))
+    (junk / "notes.txt").write_text("not a slice")
+    with pytest.raises(ImageError, match=r"1 of 3 files are not DICOM \(notes\.txt\)"):
+        sio.read_dicom_series(junk)
+
+    dup = write_dicom_series(tmp_path / "dup", dicom_volume(n=2))
+    (dup / "copy").write_bytes((dup / "IM0000").read_bytes())
+    with pytest.raises(ImageError, match="share one slice position"):
+        sio.read_dicom_series(dup)
+
+
+def test_truncated_dicom_slice_names_the_file(tmp_path):
+    folder = write_dicom_series(tmp_path / "t", dicom_volume(n=3, rows=32, cols=32))
+    truncate(folder / "IM0001", 0.6)
+    with pytest.raises(ImageError, match=r"IM0001.*truncated or corrupt"):
+        read_volume(folder)
+
+
+def test_4d_and_5d_nifti_pick_a_volume(tmp_path):
+    rng = np.random.default_rng(9)
+    data = rng.normal(size=(4, 5, 3, 6)).astype(np.float32)
+    save_nifti(tmp_path / "t.nii.gz", data)
+    with pytest.raises(ImageError, match=r"4D NIfTI with 6 volumes.*volume_index=0\.\.5"):
+        read_volume(tmp_path / "t.nii.gz")
+    ref, _, _ = read_volume(save_nifti(tmp_path / "v3.nii.gz", data[..., 4]))
+    vol, spacing, _ = read_volume(tmp_path / "t.nii.gz", volume_index=4)
+    np.testing.assert_array_equal(vol, ref)
+    with pytest.raises(ImageError, match=r"volume 6 is out of range.*6 volume"):
+        read_volume(tmp_path / "t.nii.gz", volume_index=6)
+
+    five = rng.normal(size=(4, 5, 3, 1, 2)).astype(np.float32)
+    save_nifti(tmp_path / "f.nii", five)
+    with pytest.raises(ImageError, match=r"5D NIfTI with 2 volumes"):
+        read_volume(tmp_path / "f.nii")
+    vol, _, _ = read_volume(tmp_path / "f.nii", volume_index=1)
+    ref, _, _ = read_volume(save_nifti(tmp_path / "f1.nii", five[:, :, :, 0, 1]))
+    np.testing.assert_array_equal(vol, ref)
+
+
+def test_nonfinite_voxels_are_replaced_with_a_warning_or_refused(tmp_path):
+    data = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4) + 5
+    data[0, 0, 0], data[1, 2, 3] = np.nan, np.inf
+    path = save_nifti(tmp_path / "n.nii.gz", data, np.eye(4))
+    with pytest.warns(UserWarning, match=r"2 NaN/infinite voxels were set to .*\(6\)"):
+        vol, _, _ = read_volume(path)
+    assert np.isfinite(vol).all() and vol.min() == 6
+    with pytest.raises(ImageError, match=r"2 voxels are NaN or infinite.*nonfinite='replace'"):
+        read_volume(path, nonfinite="error")
+    save_nifti(tmp_path / "all.nii", np.full((2, 2, 2), np.nan, np.float32), np.eye(4))
+    with pytest.raises(ImageError, match="every voxel"):
+        read_volume(tmp_path / "all.nii")
+
+
+def test_write_labels_roundtrip_is_exact(tmp_path):
+    rng = np.random.default_rng(10)
+    data = rng.normal(size=(5, 6, 7)).astype(np.float32)
+    src = nib.Nifti1Image(data, PLS_AFFINE)
+    src.header["descrip"] = b"source scan"
+    src.header.set_xyzt_units("mm", "sec")
+    src.set_qform(PLS_AFFINE, code=1)
+    src.set_sform(PLS_AFFINE @ np.diag([1, 1, 1, 1.0]), code=4)
+    nib.save(src, tmp_path / "src.nii.gz")
+    vol, spacing, affine = read_volume(tmp_path / "src.nii.gz")
+    labels = rng.integers(0, 300, vol.shape).astype(np.uint16)
+
+    out = sio.write_labels(tmp_path / "labels.nii.gz", labels, tmp_path / "src.nii.gz")
+    back, spacing_back, affine_back = sio.read_labels(out)
+    assert back.dtype == np.uint16
+    np.testing.assert_array_equal(back, labels)
+    np.testing.assert_array_equal(affine_back, affine)
+    assert spacing_back == spacing == pytest.approx((3.0, 1.5, 2.0))
+    written, source = nib.load(out), nib.load(tmp_path / "src.nii.gz")
+    np.testing.assert_array_equal(written.affine, source.affine)
+    changed = {"datatype", "bitpix", "scl_slope", "scl_inter", "cal_min", "cal_max"}
+    for name in source.header.keys():
+        if name not in changed:
+            np.testing.assert_array_equal(written.header[name], source.header[name], err_msg=name)
+    assert sorted(os.listdir(tmp_path)) == ["labels.nii.gz", "src.nii.gz"]
+
+    # bool and int64 labels narrow to the smallest type; floats are refused
+    out = sio.write_labels(tmp_path / "b.nii", labels > 100, tmp_path / "src.nii.gz")
+    assert sio.read_labels(out)[0].dtype == np.uint8
+    out = sio.write_labels(tmp_path / "w.nii", labels.astype(np.int64) * 1000, source)
+    back, _, _ = sio.read_labels(out)
+    assert back.dtype == np.int32
+    np.testing.assert_array_equal(back, labels.astype(np.int64) * 1000)
+    with pytest.raises(ImageError, match="integer"):
+        sio.write_labels(tmp_path / "f.nii.gz", labels.astype(np.float32), source)
+    with pytest.raises(ImageError, match="does not match"):
+        sio.write_labels(tmp_path / "f.nii.gz", labels[:2], source)
+    with pytest.raises(ImageError, match="NIfTI"):
+        sio.write_labels(tmp_path / "f.png", labels, source)
+
+
+def test_write_labels_for_a_dicom_series_lines_up(tmp_path):
+    folder = write_dicom_series(tmp_path / "ct", dicom_volume())
+    vol, spacing, meta = sio.read_dicom_series(folder)
+    labels = (vol > 0).astype(np.uint8)
+    out = sio.write_labels(tmp_path / "l.nii.gz", labels, folder)
+    back, spacing_back, affine = sio.read_labels(out)
+    np.testing.assert_array_equal(back, labels)
+    np.testing.assert_allclose(affine, meta["affine"])
+    assert spacing_back == pytest.approx(spacing)
+
+
+def test_interrupted_label_save_keeps_the_old_file(tmp_path, monkeypatch):
+    ref = save_nifti(tmp_path / "r.nii.gz", np.zeros((3, 4, 5), np.float32))
+    vol, _, _ = read_volume(ref)
+    target = sio.write_labels(tmp_path / "l.nii.gz", np.ones(vol.shape, np.uint8), ref)
+    before = target.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sio.os, "replace", boom)
+    with pytest.raises(KeyboardInterrupt):
+        sio.write_labels(target, np.zeros(vol.shape, np.uint8), ref)
+    assert target.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["l.nii.gz", "r.nii.gz"]
+
+
+def test_layer_data_has_the_spacing_as_scale_and_writes_back(tmp_path):
+    data = np.random.default_rng(11).normal(size=(5, 6, 7)).astype(np.float32)
+    src = save_nifti(tmp_path / "scan.nii.gz", data)
+    [(vol, kwargs, kind)] = sio.read_layer_data(src)
+    assert kind == "image" and kwargs["name"] == "scan"
+    assert kwargs["scale"] == pytest.approx((3.0, 1.5, 2.0))
+    labels = (vol > 0).astype(np.int32)
+    # what a napari writer receives: the labels layer's data and attributes
+    [path] = sio.write_labels_layer(tmp_path / "seg.nii.gz", labels, kwargs)
+    back, _, affine = sio.read_labels(path)
+    np.testing.assert_array_equal(back, labels)
+    np.testing.assert_array_equal(nib.load(path).affine, PLS_AFFINE)
+
+    folder = write_dicom_series(tmp_path / "dcm", dicom_volume())
+    [(vol, kwargs, _)] = sio.read_layer_data(folder)
+    assert kwargs["scale"] == pytest.approx((SLICE_MM, ROW_MM, COL_MM))
+    assert vol.shape == (4, 6, 5)
+
+
+def test_corrupt_volume_gives_a_message_not_a_traceback(tmp_path):
+    path = save_nifti(tmp_path / "c.nii.gz", np.zeros((16, 16, 16), np.float32), np.eye(4))
+    truncate(path, 0.4)
+    with pytest.raises(ImageError, match=r"c\.nii\.gz: cannot read the file.*truncated"):
+        read_volume(path)
+    with pytest.raises(ImageError, match=r"c\.nii\.gz"):
+        sio.read_layer_data(path)
