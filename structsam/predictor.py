@@ -8,13 +8,15 @@ token-grid map into image pixels for overlays.
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import torch
 
-from .errors import PromptError, StructSAMError
+from .errors import ImageError, PromptError, StructSAMError
 from .patching import merge_state
 from .transforms import Geometry, prepare_image, validate_box, validate_points
+from .windows import resolve_window
 
 
 def model_spec(model):
@@ -42,15 +44,52 @@ def model_prompts(prompts: dict | None, geometry: Geometry) -> dict | None:
     return out or None
 
 
+# Beyond this many times the encoder's input side, downsampling loses most of the detail.
+LARGE_IMAGE_FACTOR = 4
+# Above this many pixels the float64 working copy in prepare_image would take gigabytes.
+MAX_PIXELS = 2**28
+
+
+def _check_size(image, spec) -> None:
+    shape = getattr(image, "shape", None)
+    if shape is None or len(shape) < 2:
+        return  # prepare_image reports malformed input
+    height, width = int(shape[0]), int(shape[1])
+    if height * width > MAX_PIXELS:
+        raise ImageError(
+            f"image of {height}x{width} pixels is too large to encode (the encoder sees "
+            f"{spec.img_size} px); crop the region of interest or downsample it first"
+        )
+    factor = max(height, width) / spec.img_size
+    if factor > LARGE_IMAGE_FACTOR:
+        warnings.warn(
+            f"the {height}x{width} image is shrunk {factor:.0f}x to the encoder's "
+            f"{spec.img_size} px input; structures smaller than about {factor:.0f} pixels are "
+            "lost: crop the region of interest for finer masks",
+            stacklevel=3,
+        )
+
+
 class Predictor:
-    def __init__(self, model):
+    """Encode an image once, then answer prompts.
+
+    ``cache``: an :class:`~structsam.cache.EmbeddingCache`; ``set_image`` then serves an image
+    already encoded with the same settings from it without running the encoder
+    (``from_cache`` says whether the last ``set_image`` did), and stores new encodes in it.
+    """
+
+    def __init__(self, model, cache=None):
         self.model = model
         self.spec = model_spec(model)
         self.device = next(model.parameters()).device
+        self.cache = cache
         self.features: torch.Tensor | None = None
         self.geometry: Geometry | None = None
         self.merge_info: list = []
         self.encode_seconds: float | None = None
+        self.from_cache = False
+        self.cache_key: str | None = None
+        self.load_seconds: float | None = None  # time to load the last cache hit
 
     @property
     def is_image_set(self) -> bool:
@@ -58,14 +97,38 @@ class Predictor:
 
     def set_image(self, image, window=None, prompts: dict | None = None) -> None:
         """Encode ``image`` (2D, any numeric dtype, or RGB). ``prompts`` switch on prompt-aware
-        merging for this encode: tokens around them are protected."""
+        merging for this encode: tokens around them are protected.
+
+        ``window``: ``(low, high)``, or a name that :func:`structsam.windows.resolve_window`
+        knows (``"ct-lung"``...; ``"mr-percentiles"`` is then taken over this image only:
+        resolve it on the whole volume for consistent slices).  With a cache, an image encoded
+        before with the same settings is loaded instead of encoded."""
+        if isinstance(window, str):
+            window = resolve_window(window, image)
+        _check_size(image, self.spec)
         tensor, geometry = prepare_image(image, self.spec, window=window, device=self.device)
         state = merge_state(self.model)
-        saved = state.prompts if state is not None else None
+        used_prompts = None
         if state is not None and prompts:
             if not state.method.prompt_aware:
                 raise PromptError(f"method {state.method.name!r} is not prompt-aware")
-            state.prompts = model_prompts(prompts, geometry)
+            used_prompts = model_prompts(prompts, geometry)
+        key = None
+        if self.cache is not None:
+            key = self.cache.key(self.model, image, window, used_prompts)
+            start = time.perf_counter()
+            entry = self.cache.get(key, device=self.device)
+            if entry is not None and entry.geometry == geometry:
+                self.features = entry.features
+                self.geometry = geometry
+                self.merge_info = entry.merge_info
+                self.encode_seconds = entry.encode_seconds
+                self.from_cache, self.cache_key = True, key
+                self.load_seconds = time.perf_counter() - start
+                return
+        saved = state.prompts if state is not None else None
+        if used_prompts is not None:
+            state.prompts = used_prompts
         try:
             with torch.inference_mode():
                 start = time.perf_counter()
@@ -77,11 +140,28 @@ class Predictor:
         self.features = features
         self.geometry = geometry
         self.merge_info = list(state.info) if state is not None else []
+        self.from_cache, self.cache_key, self.load_seconds = False, key, None
+        if key is not None:
+            self._store(key)
+
+    def _store(self, key: str) -> None:
+        from .cache import CacheEntry
+
+        entry = CacheEntry(self.features, self.geometry, self.merge_info, self.encode_seconds)
+        try:
+            self.cache.put(key, entry)
+        except OSError as exc:
+            # the embedding is in memory and usable; only the cache copy is missing
+            warnings.warn(
+                f"could not store the embedding in {self.cache.folder}: {exc}", stacklevel=3
+            )
 
     def reset_image(self) -> None:
         self.features = None
         self.geometry = None
         self.merge_info = []
+        self.from_cache = False
+        self.cache_key = None
 
     def map_to_image(self, grid_map: np.ndarray, order: int = 0) -> np.ndarray:
         """A token-grid map (e.g. ``merge_info[i].merge_map``) -> input-image pixels."""
