@@ -217,6 +217,12 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_embed(args) -> int:
+    from .embed import run_cli
+
+    return run_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="structsam", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -282,6 +288,25 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--quiet", action="store_true", help="no progress bar")
     be.add_argument("--out", default="bench_out")
     be.set_defaults(func=cmd_bench)
+    em = sub.add_parser(
+        "embed", help="precompute every slice's embedding of volumes into a cache (resumable)"
+    )
+    em.add_argument("volumes", nargs="+", help="NIfTI file, DICOM folder, .npy or sample:mri")
+    em.add_argument("--out", default=None, help="cache folder (default: $STRUCTSAM_CACHE_DIR)")
+    em.add_argument("--model", default="litemedsam")
+    em.add_argument("--checkpoint", default=None)
+    em.add_argument("--device", default="cpu")
+    em.add_argument("--method", default="structsam", help="merge method, or none")
+    em.add_argument("--rate", type=float, default=0.33)
+    em.add_argument("--window", default=None, help="preset (ct-lung, mr-percentiles...) or L,H")
+    em.add_argument("--volume", type=int, default=None, help="volume index of a 4D/5D NIfTI")
+    em.add_argument("--slices", default=None, help="only these slices, START:STOP")
+    em.add_argument("--max-size", default=None, help="cache size limit, e.g. 8G")
+    em.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
+    em.add_argument("--workers", type=int, default=None, help="local Dask workers")
+    em.add_argument("--threads", type=int, default=None, help="torch threads per volume")
+    em.add_argument("--no-progress", action="store_true")
+    em.set_defaults(func=cmd_embed)
     info = sub.add_parser("info", help="list models, methods and devices")
     info.set_defaults(func=cmd_info)
     return parser
