@@ -48,8 +48,9 @@ class EmbedResult:
     error: str | None = None
 
     @property
-    def mean_encode_seconds(self) -> float | None:
-        return float(np.mean(self.encode_seconds)) if self.encode_seconds else None
+    def median_encode_seconds(self) -> float | None:
+        # the median: a process's first encode carries one-off start-up costs
+        return float(np.median(self.encode_seconds)) if self.encode_seconds else None
 
     @property
     def bytes_per_slice(self) -> float | None:
@@ -60,7 +61,7 @@ class EmbedResult:
             return f"{self.source}: FAILED: {self.error}"
         parts = [f"{self.source}: {self.n_slices} slices, {self.encoded} encoded"]
         if self.encode_seconds:
-            parts.append(f"{self.mean_encode_seconds:.3f} s/slice encoder")
+            parts.append(f"median {self.median_encode_seconds:.3f} s/slice in the encoder")
         parts.append(f"{self.cached} already cached")
         if self.entry_bytes:
             parts.append(f"{self.bytes_per_slice / 2**20:.2f} MiB/slice in the cache")

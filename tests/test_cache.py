@@ -215,3 +215,14 @@ def test_folder_and_size_settings(tmp_path, monkeypatch):
         EmbeddingCache(tmp_path / "file" / "sub")
     with pytest.raises(StructSAMError, match="not a cache key"):
         cache.path("../escape")
+
+
+def test_far_larger_images_warn_or_are_refused(litemedsam):
+    from structsam.predictor import _check_size
+
+    spec = litemedsam.structsam_spec
+    with pytest.warns(UserWarning, match=r"shrunk 8x.*crop the region"):
+        _check_size(np.broadcast_to(np.float32(0), (2048, 1024)), spec)
+    huge = np.broadcast_to(np.float32(0), (20000, 20000))  # no memory behind it
+    with pytest.raises(structsam.errors.ImageError, match="too large.*crop"):
+        structsam.Predictor(litemedsam).set_image(huge)
