@@ -1,0 +1,133 @@
+"""The plugin's napari layers: created once, found again by name, aligned with the image.
+
+Every layer copies the image layer's ``scale`` and ``translate`` so that prompts, masks and
+overlays sit on the right voxels of anisotropic CT/MR volumes. Only GUI-thread code calls this.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+POINTS = "structsam points"
+BOXES = "structsam boxes"
+MASK = "structsam mask"
+OBJECTS = "structsam objects"
+MERGE_MAP = "structsam merge map"
+PROTECTED = "structsam protected cells"
+NAMES = (MERGE_MAP, PROTECTED, OBJECTS, MASK, BOXES, POINTS)  # bottom to top
+
+POSITIVE, NEGATIVE = "positive", "negative"
+POINT_COLORS = ["#39ff14", "#ff2d2d"]  # positive green, negative red (micro-sam's convention)
+MASK_COLOR = "#ffd400"
+PROTECTED_COLOR = "#00b4ff"
+
+
+def _aligned(layer, image) -> None:
+    layer.scale = tuple(image.scale[-layer.ndim :])
+    layer.translate = tuple(image.translate[-layer.ndim :])
+
+
+def _single_colour(color: str):
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: color})
+
+
+def _labels(viewer, name, shape, dtype, image, **kwargs):
+    """Find ``name`` with the right shape or add it. A layer of the wrong shape that holds
+    labels is renamed, not dropped, so no earlier annotation is lost."""
+    layer = viewer.layers[name] if name in viewer.layers else None
+    if layer is not None and tuple(layer.data.shape) != tuple(shape):
+        if np.any(np.asarray(layer.data)):
+            layer.name = f"{name} (earlier image)"
+        else:
+            viewer.layers.remove(layer)
+        layer = None
+    if layer is None:
+        layer = viewer.add_labels(np.zeros(shape, dtype), name=name, **kwargs)
+    _aligned(layer, image)
+    return layer
+
+
+def ensure_layers(viewer, image, shape: tuple[int, ...]) -> dict:
+    """All six layers for an image layer whose spatial shape is ``shape`` (2D or 3D)."""
+    ndim = len(shape)
+    layers = {}
+    layers[MERGE_MAP] = _labels(viewer, MERGE_MAP, shape, np.int32, image, opacity=0.45)
+    layers[PROTECTED] = _labels(viewer, PROTECTED, shape, np.uint8, image, opacity=0.45)
+    layers[PROTECTED].colormap = _single_colour(PROTECTED_COLOR)
+    layers[OBJECTS] = _labels(viewer, OBJECTS, shape, np.int32, image, opacity=0.6)
+    layers[MASK] = _labels(viewer, MASK, shape, np.uint8, image, opacity=0.55)
+    layers[MASK].colormap = _single_colour(MASK_COLOR)
+
+    boxes = viewer.layers[BOXES] if BOXES in viewer.layers else None
+    if boxes is not None and boxes.ndim != ndim:
+        boxes.name = f"{BOXES} (earlier image)"
+        boxes = None
+    if boxes is None:
+        boxes = viewer.add_shapes(
+            ndim=ndim, name=BOXES, face_color="transparent", edge_color="#ffa500", edge_width=1.5
+        )
+    _aligned(boxes, image)
+    layers[BOXES] = boxes
+
+    points = viewer.layers[POINTS] if POINTS in viewer.layers else None
+    if points is not None and points.ndim != ndim:
+        points.name = f"{POINTS} (earlier image)"
+        points = None
+    if points is None:
+        points = viewer.add_points(
+            ndim=ndim,
+            name=POINTS,
+            features={"label": np.array([], dtype=object)},
+            property_choices={"label": [POSITIVE, NEGATIVE]},
+            face_color="label",
+            face_color_cycle=POINT_COLORS,
+            border_color="white",
+            size=max(3.0, 0.02 * max(shape[-2:])),
+        )
+    _aligned(points, image)
+    layers[POINTS] = points
+    return layers
+
+
+def slice_prompts(points, boxes, z: int | None, is_3d: bool):
+    """The prompts drawn on slice ``z`` (all of them for a 2D image), in image pixels:
+    (points (N, 2) x/y, labels (N,), box (4,) or None). The newest box wins."""
+    pts = np.asarray(points.data, float)
+    labels = np.asarray(points.features["label"]) if len(pts) else np.array([])
+    if is_3d and len(pts):
+        keep = np.round(pts[:, 0]).astype(int) == z
+        pts, labels = pts[keep], labels[keep]
+    xy = pts[:, ::-1][:, :2] if len(pts) else np.zeros((0, 2))
+    lab = (labels == POSITIVE).astype(int)
+    box = None
+    for shape, kind in zip(reversed(boxes.data), reversed(boxes.shape_type), strict=True):
+        v = np.asarray(shape, float)
+        if kind not in ("rectangle", "polygon", "ellipse") or len(v) < 2:
+            continue
+        if is_3d and not np.all(np.round(v[:, 0]).astype(int) == z):
+            continue
+        (y0, x0), (y1, x1) = v[:, -2:].min(0), v[:, -2:].max(0)
+        if x1 - x0 >= 1 and y1 - y0 >= 1:
+            box = np.array([x0, y0, x1, y1])
+            break
+    return xy, lab, box
+
+
+def merge_overlays(encoding, block: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(merge map, protected cells, tokens kept, tokens before) of one merged block, in image
+    pixels: groups of two or more tokens get ids from 1 (single tokens stay 0, transparent)."""
+    from structsam.predictor import Predictor
+
+    info = encoding.merge_info[block]
+    grid = info.merge_map
+    ids, inverse, counts = np.unique(grid, return_inverse=True, return_counts=True)
+    # shuffle the group ids so neighbouring groups get unrelated colours
+    order = np.random.default_rng(block).permutation(len(ids)) + 1
+    grouped = np.where(counts[inverse] > 1, order[inverse], 0).reshape(grid.shape)
+    predictor = Predictor(encoding.model)
+    predictor.geometry = encoding.geometry
+    merge_map = predictor.map_to_image(grouped.astype(np.int32))
+    protected = predictor.map_to_image(info.protected.astype(np.uint8))
+    return merge_map, protected, info.tokens_after, info.tokens_before

@@ -1,0 +1,139 @@
+"""The plugin's annotation session without Qt: the real LiteMedSAM on the bundled MNI152 data."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from napari_structsam._session import (
+    EncodeCancelled,
+    EncoderSettings,
+    Prompts,
+    Session,
+    SessionError,
+)
+from structsam.metrics import iou
+from structsam.samples import mni152_slice
+
+# the frontal horns of the lateral ventricles and the caudate heads in the axial sample slice
+BOX = np.array([78.0, 65.0, 118.0, 100.0])
+
+
+@pytest.fixture(scope="module")
+def image():
+    return mni152_slice("axial")
+
+
+def test_import_is_light():
+    code = (
+        "import sys, napari_structsam; "
+        "bad = [m for m in ('torch', 'qtpy', 'napari') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_merged_mask_agrees_with_unmerged(image):
+    merged = Session()  # structsam at the default rate, as the widget starts
+    merged.set_image(image)
+    enc = merged.ensure_encoded(0)
+    assert enc.merge_info and enc.tokens()[0] < enc.tokens()[1]
+    mask, score = merged.segment(0, Prompts(box=BOX))
+
+    dense = Session(EncoderSettings(method="none"))
+    dense.set_image(image)
+    dense.ensure_encoded(0)
+    assert dense.encoding(0).merge_info == []
+    reference, _ = dense.segment(0, Prompts(box=BOX))
+    assert reference.sum() > 100 and 0 < score <= 1
+    assert iou(mask, reference) >= 0.9
+
+
+def test_prompt_aware_reencodes_only_outside_the_protected_region(image):
+    s = Session(EncoderSettings(prompt_aware=True))
+    s.set_image(image)
+    assert s.needs_encode(0, Prompts(box=BOX)) == "slice not encoded yet"
+    s.ensure_encoded(0, Prompts(box=BOX))
+    assert s.encoding(0).prompts is not None
+    inside = Prompts(points=np.array([[98.0, 80.0]]), labels=np.array([1]), box=BOX)
+    assert s.needs_encode(0, inside) is None
+    far = Prompts(box=np.array([20.0, 150.0, 50.0, 190.0]))
+    assert "outside the protected region" in s.needs_encode(0, far)
+    mask, _ = s.segment(0, inside)
+    assert mask.sum() > 100
+
+
+def test_commit_never_overwrites_and_undo_keeps_earlier_objects():
+    s = Session()
+    s.set_image(np.zeros((4, 32, 32), np.float32))
+    s.mask[1, 5:15, 5:15] = 1
+    first = s.commit()
+    assert first.label == 1 and s.mask.sum() == 0
+    s.mask[1, 10:20, 10:20] = 1  # overlaps the first object
+    second = s.commit()
+    assert second.label == 2
+    assert (s.objects[1, 5:15, 5:15] == 1).all()  # the overlap stayed with object 1
+    assert (s.objects == 2).sum() == 100 - 25
+    s.mask[2, 0:3, 0:3] = 1
+    third = s.commit()
+    assert s.undo() is third and s.undo() is second
+    assert (s.objects == 1).sum() == 100 and s.objects.max() == 1
+    assert s.commit() is None  # nothing to commit
+    assert s.undo() is first and not s.objects.any() and s.undo() is None
+
+
+def test_bad_input_gives_clear_messages(image):
+    s = Session()
+    with pytest.raises(SessionError, match="2D images and"):
+        s.set_image(np.zeros((2, 3, 8, 8)))
+    with pytest.raises(SessionError, match="no image"):
+        s.slice_image(0)
+    s.set_image(image)
+    with pytest.raises(SessionError, match="no embedding"):
+        s.predict(0, Prompts(box=BOX))
+    with pytest.raises(SessionError, match="outside the volume"):
+        s.encode(3)
+    with pytest.raises(SessionError, match="segment the object"):
+        next(s.propagate(0))
+
+
+def ball_volume():
+    """A bright ellipsoid (slices 8..22) in noise, so the true extent is known."""
+    z, y, x = np.mgrid[:30, :96, :96]
+    ball = ((z - 15) / 7.5) ** 2 + ((y - 48) / 16) ** 2 + ((x - 48) / 16) ** 2 <= 1
+    noise = np.random.default_rng(0).normal(0, 0.05, ball.shape)
+    return (0.2 + 0.6 * ball + noise).astype(np.float32), ball
+
+
+def test_propagation_follows_the_object_and_stops_where_it_ends():
+    vol, ball = ball_volume()
+    present = np.flatnonzero(ball.any(axis=(1, 2)))
+    s = Session()
+    s.set_image(vol)
+    s.ensure_encoded(15)
+    s.segment(15, Prompts(box=np.array([28.0, 28.0, 68.0, 68.0])))
+    results = s.run_propagation(15)
+    stops = [r for r in results if r.stopped]
+    assert len(stops) == 2 and all("object ended" in r.stopped for r in stops)
+    have = np.flatnonzero(s.mask.any(axis=(1, 2)))
+    # the object is followed to within two slices of its ends and never beyond them
+    assert have.min() >= present.min() and have.max() <= present.max()
+    assert have.min() <= present.min() + 2 and have.max() >= present.max() - 2
+    assert iou(s.mask > 0, ball) > 0.7
+    assert len(s.encoded_slices()) >= len(have)
+
+
+def test_propagation_can_be_cancelled():
+    vol, _ = ball_volume()
+    s = Session()
+    s.set_image(vol)
+    s.mask[15, 40:56, 40:56] = 1
+    calls = []
+
+    def cancelled():
+        calls.append(1)
+        return len(calls) > 3  # a few blocks into the first slice's encode
+
+    with pytest.raises(EncodeCancelled):
+        list(s.propagate(15, cancelled=cancelled))
