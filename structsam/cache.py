@@ -202,7 +202,8 @@ def key_fields(model, image, window=None, prompts=None) -> dict[str, Any]:
 
     ``image`` is the array given to ``Predictor.set_image``; ``window`` the ``(low, high)``
     pair or ``None``; ``prompts`` the prompts of a prompt-aware encode in model-input pixels
-    (``predictor.model_prompts``), ``None`` for an encode that did not use them."""
+    (``predictor.model_prompts``) that replaced the patch's own (``{}``: replaced by none),
+    ``None`` for an encode that used the patch's prompts (usually none)."""
     from . import __version__
 
     if isinstance(image, torch.Tensor):
@@ -219,7 +220,7 @@ def key_fields(model, image, window=None, prompts=None) -> dict[str, Any]:
         "weights": weights_identity(model),
         "bn_folded": bool(getattr(model, "bn_folded", False)),
         "patch": _patch_identity(model),
-        "prompts": _canonical(prompts) if prompts else None,
+        "prompts": None if prompts is None else _canonical(prompts),
         "window": win,
     }
 

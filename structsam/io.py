@@ -1,9 +1,13 @@
 """Reading images and volumes, and writing masks, with errors that name the file.
 
 Formats read by :func:`read_image`: PNG, JPEG, TIFF, NumPy ``.npy``, NIfTI (``.nii``,
-``.nii.gz``) and DICOM (``.dcm``).  :func:`read_volume` reads NIfTI volumes.  :func:`write_mask`
-writes PNG, TIFF, ``.npy`` and NIfTI masks atomically (a temporary file in the same folder, then
-:func:`os.replace`), so an interrupted save never leaves a half-written mask behind.
+``.nii.gz``) and DICOM (``.dcm``).  :func:`read_volume` reads NIfTI volumes (4D/5D: one volume
+picked by ``volume_index``), folders of DICOM slices (:func:`read_dicom_series`) and 3D ``.npy``
+arrays.  :func:`write_mask` writes PNG, TIFF, ``.npy`` and NIfTI masks and :func:`write_labels`
+integer label volumes as NIfTI in the source's geometry, both atomically (a temporary file in
+the same folder, then :func:`os.replace`), so an interrupted save never leaves a half-written
+file behind.  :func:`read_layer_data` and :func:`write_labels_layer` wrap these for a napari
+reader and writer (voxel spacing as the layer scale).
 
 Array conventions
 -----------------
@@ -266,8 +270,8 @@ def _load_nifti(
         kind = f"{len(shape)}D"
         raise ImageError(
             f"{path} is a {kind} NIfTI with {n_volumes} volumes (shape {shape}); structsam reads "
-            f"one 3D volume: pick a volume with volume_index=0..{n_volumes - 1} (--volume K on "
-            "the command line)"
+            f"one 3D volume: pick a volume with volume_index=0..{n_volumes - 1} (structsam "
+            "embed --volume K), or extract one, e.g. nilearn.image.index_img(path, k)"
         )
     if volume_index is not None and not 0 <= int(volume_index) < n_volumes:
         raise ImageError(
@@ -420,6 +424,13 @@ def _check_one_series(folder: Path, datasets: list[Any], files: list[Path]) -> N
             raise ImageError(
                 f"{folder}: the slices differ in {attr} ({sorted(values)}); they are not one volume"
             )
+    spacings = {
+        tuple(np.round(v, 6))
+        for v in (_floats(ds, "PixelSpacing", 2) for ds in datasets)
+        if v is not None
+    }
+    if len(spacings) > 1:
+        raise ImageError(f"{folder}: the slices differ in PixelSpacing ({sorted(spacings)})")
     if int(getattr(datasets[0], "SamplesPerPixel", 1) or 1) != 1:
         raise ImageError(f"{folder}: colour DICOM slices cannot form a grey volume")
     frames = [f.name for f, ds in zip(files, datasets, strict=True) if _n_frames(ds) > 1]

@@ -108,14 +108,17 @@ class Predictor:
         _check_size(image, self.spec)
         tensor, geometry = prepare_image(image, self.spec, window=window, device=self.device)
         state = merge_state(self.model)
+        # per-call prompts replace the patch's own for this encode (even when they are empty)
+        override = state is not None and bool(prompts)
         used_prompts = None
-        if state is not None and prompts:
+        if override:
             if not state.method.prompt_aware:
                 raise PromptError(f"method {state.method.name!r} is not prompt-aware")
             used_prompts = model_prompts(prompts, geometry)
         key = None
         if self.cache is not None:
-            key = self.cache.key(self.model, image, window, used_prompts)
+            key_prompts = (used_prompts or {}) if override else None
+            key = self.cache.key(self.model, image, window, key_prompts)
             start = time.perf_counter()
             entry = self.cache.get(key, device=self.device)
             if entry is not None and entry.geometry == geometry:
@@ -127,7 +130,7 @@ class Predictor:
                 self.load_seconds = time.perf_counter() - start
                 return
         saved = state.prompts if state is not None else None
-        if used_prompts is not None:
+        if override:
             state.prompts = used_prompts
         try:
             with torch.inference_mode():

@@ -111,6 +111,7 @@ def test_every_setting_is_in_the_key(merged, image):
     add(embedding_key(merged, image, window=(0.0, 0.5000001)))
     add(embedding_key(merged, image, prompts={"box": BOX}))
     add(embedding_key(merged, image, prompts={"box": BOX + 1}))
+    add(embedding_key(merged, image, prompts={}))  # the patch's prompts replaced by none
     for kwargs in (
         {"method": "structsam", "rate": 0.31},
         {"method": "structsam", "rate": 0.3, "seed": 1},
