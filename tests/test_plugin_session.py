@@ -99,9 +99,9 @@ def test_bad_input_gives_clear_messages(image):
 
 
 def ball_volume():
-    """A bright ellipsoid (slices 8..22) in noise, so the true extent is known."""
+    """A bright ellipsoid (slices 11..19) in noise, so the true extent is known."""
     z, y, x = np.mgrid[:30, :96, :96]
-    ball = ((z - 15) / 7.5) ** 2 + ((y - 48) / 16) ** 2 + ((x - 48) / 16) ** 2 <= 1
+    ball = ((z - 15) / 4.5) ** 2 + ((y - 48) / 16) ** 2 + ((x - 48) / 16) ** 2 <= 1
     noise = np.random.default_rng(0).normal(0, 0.05, ball.shape)
     return (0.2 + 0.6 * ball + noise).astype(np.float32), ball
 

@@ -1,0 +1,190 @@
+"""The StructSAM widget in a real napari viewer (pytest-qt; pytest-xvfb provides the display)."""
+
+import time
+
+import numpy as np
+import pytest
+from qtpy.QtCore import QTimer
+
+from napari_structsam import _layers as L
+from napari_structsam._sample_data import mni152_slice_sample, mni152_volume_sample
+from napari_structsam._session import EncoderSettings, Prompts, Session
+from napari_structsam._widget import StructSAMWidget
+from structsam.metrics import iou
+
+BOX_YX = np.array([[65.0, 78.0], [100.0, 118.0]])  # ventricles/caudate in the axial sample
+WAIT_MS = 240_000  # a loaded 2-core machine encodes in seconds, not milliseconds
+
+
+def wait_idle(qtbot, widget):
+    qtbot.waitUntil(lambda: not widget.runner.busy, timeout=WAIT_MS)
+
+
+def open_widget(viewer, qtbot, sample):
+    data, meta, _ = sample()[0]
+    viewer.add_image(data, **meta)
+    widget = StructSAMWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="StructSAM")
+    wait_idle(qtbot, widget)
+    return widget
+
+
+class StallMeter:
+    """Longest gap between ticks of a 5 ms timer on the GUI thread = longest event-loop stall."""
+
+    def __init__(self):
+        self.timer = QTimer()
+        self.timer.setInterval(5)
+        self.timer.timeout.connect(self._tick)
+        self.gaps = []
+
+    def _tick(self):
+        now = time.perf_counter()
+        self.gaps.append(now - self.last)
+        self.last = now
+
+    def start(self):
+        self.last = time.perf_counter()
+        self.timer.start()
+
+    def stop(self) -> float:
+        self.timer.stop()
+        return max(self.gaps) if self.gaps else float("inf")
+
+
+def test_plugin_is_listed_and_opens_from_the_manifest(make_napari_viewer):
+    import npe2
+
+    pm = npe2.PluginManager.instance()
+    pm.discover()
+    assert "napari-structsam" in {m.name for m in pm.iter_manifests()}
+    viewer = make_napari_viewer()
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-structsam", "StructSAM annotator")
+    assert isinstance(widget, StructSAMWidget)
+    widget.close_session()
+
+
+def test_box_segments_like_unmerged_commit_and_undo(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, qtbot, mni152_slice_sample)
+    image = viewer.layers["MNI152 T1 axial slice"]
+    for name in L.NAMES:  # all layers exist once, aligned with the image
+        assert [layer.name for layer in viewer.layers].count(name) == 1
+        assert tuple(viewer.layers[name].scale) == tuple(image.scale)
+    assert widget.last_encoding is not None and widget.last_encoding.merge_info
+    assert "FLOPs saved" in widget.status.text() and "last encode" in widget.status.text()
+    assert "unmerged" in widget.status.text()  # the speed-up is shown next to the encode time
+    assert viewer.layers[L.MERGE_MAP].data.max() > 0 and viewer.layers[L.PROTECTED].data.any()
+
+    viewer.layers[L.BOXES].add_rectangles(BOX_YX)
+    qtbot.waitUntil(lambda: viewer.layers[L.MASK].data.any(), timeout=WAIT_MS)
+    mask = viewer.layers[L.MASK].data > 0
+
+    dense = Session(EncoderSettings(method="none"))
+    dense.set_image(image.data)
+    dense.ensure_encoded(0)
+    x0, y0 = BOX_YX[0, ::-1]
+    x1, y1 = BOX_YX[1, ::-1]
+    reference, _ = dense.segment(0, Prompts(box=np.array([x0, y0, x1, y1])))
+    assert iou(mask, reference) >= 0.9
+
+    objects = viewer.layers[L.OBJECTS]
+    widget.commit()  # [C]
+    assert objects.data.max() == 1 and not viewer.layers[L.MASK].data.any()
+    assert len(viewer.layers[L.BOXES].data) == 0  # prompts cleared for the next object
+    first = objects.data == 1
+    # a second, overlapping object: the box shifted by 10 px
+    viewer.layers[L.BOXES].add_rectangles(BOX_YX + 10)
+    qtbot.waitUntil(lambda: viewer.layers[L.MASK].data.any(), timeout=WAIT_MS)
+    widget.commit()
+    assert objects.data.max() == 2
+    assert np.array_equal(objects.data == 1, first)  # committing never overwrote object 1
+    widget.undo()  # [Ctrl-Z]
+    assert objects.data.max() == 1 and np.array_equal(objects.data == 1, first)
+
+    widget.toggle_label()  # [T]
+    viewer.layers[L.POINTS].add(np.array([[80.0, 98.0]]))
+    assert viewer.layers[L.POINTS].features["label"].iloc[-1] == L.NEGATIVE
+    bound = {str(k) for k in viewer.layers[L.POINTS].keymap} & {str(k) for k in viewer.keymap}
+    assert {"S", "C", "Shift+C", "Shift+S", "Ctrl+Z", "T"} <= bound
+    widget.close_session()
+
+
+def test_slider_reencodes_and_a_newer_encode_wins_without_stalling(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, qtbot, mni152_slice_sample)
+    merge = viewer.layers[L.MERGE_MAP]
+    kept_before = widget.merge_tokens()[0]
+    groups_before = len(np.unique(merge.data))
+
+    widget.set_rate(0.6)  # as a user drags the slider: debounced, then re-encoded
+    qtbot.waitUntil(lambda: widget.runner.busy, timeout=5_000)
+    wait_idle(qtbot, widget)
+    assert widget.last_encoding.settings.rate == pytest.approx(0.6)
+    assert widget.merge_tokens()[0] < kept_before
+    assert len(np.unique(merge.data)) != groups_before
+
+    # two requests in a row: the first encode is cancelled, the newest one wins
+    meter = StallMeter()
+    meter.start()
+    started = time.perf_counter()
+    widget.set_rate(0.2)
+    widget._settings_changed()  # skip the debounce so that the first encode really starts
+    first = widget.runner.current
+    qtbot.wait(300)  # let it get into the encoder
+    widget.set_rate(0.45)
+    widget._settings_changed()
+    wait_idle(qtbot, widget)
+    stall = meter.stop()
+    elapsed = time.perf_counter() - started
+    assert first.state == "cancelled"
+    assert widget.runner.history[-1].state == "done"
+    assert widget.last_encoding.settings.rate == pytest.approx(0.45)
+    print(f"\nlongest event-loop stall during {elapsed:.1f} s of encoding: {stall * 1e3:.0f} ms")
+    assert elapsed > 0.5 and len(meter.gaps) > 50
+    assert stall < 0.1
+    widget.close_session()
+
+
+def test_volume_propagation_on_the_mri_sample(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    data, meta, _ = mni152_volume_sample()[0]
+    meta = dict(meta, scale=(2.0, 1.0, 1.0), translate=(5.0, 0.0, 0.0))  # anisotropic voxels
+    viewer.add_image(data[70:85], **meta)  # a slab keeps the test short
+    widget = StructSAMWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    viewer.dims.set_point(0, 5.0 + 2.0 * 7)  # world z of slice 7 (= MNI axial slice 77)
+    assert widget.current_slice() == 7
+    wait_idle(qtbot, widget)
+    for name in L.NAMES:
+        assert tuple(viewer.layers[name].scale) == (2.0, 1.0, 1.0)
+        assert tuple(viewer.layers[name].translate) == (5.0, 0.0, 0.0)
+    assert widget.session.encoded_slices() >= {6, 7, 8}  # current slice, then its neighbours
+
+    (y0, x0), (y1, x1) = BOX_YX
+    rect = np.array([[7, y0, x0], [7, y0, x1], [7, y1, x1], [7, y1, x0]])
+    viewer.layers[L.BOXES].add_rectangles(rect)
+    qtbot.waitUntil(lambda: viewer.layers[L.MASK].data[7].any(), timeout=WAIT_MS)
+    assert not viewer.layers[L.MASK].data[6].any()
+    widget.segment_volume()  # [Shift-S]
+    assert widget.runner.current.kind == "propagate"
+    wait_idle(qtbot, widget)
+    with_mask = np.flatnonzero(viewer.layers[L.MASK].data.any(axis=(1, 2)))
+    assert len(with_mask) >= 4 and 7 in with_mask
+    assert "propagated" in widget.event_label.text()
+    widget.commit()
+    assert set(np.unique(viewer.layers[L.OBJECTS].data)) == {0, 1}
+    assert np.flatnonzero(viewer.layers[L.OBJECTS].data.any(axis=(1, 2))).tolist() == list(
+        with_mask
+    )
+    widget.close_session()
+
+
+def test_bad_image_is_reported_not_raised(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((2, 3, 16, 16)), name="4d")
+    widget = StructSAMWidget(viewer)
+    assert widget.image_layer is None
+    assert "(Z, Y, X)" in widget.event_label.text()
+    widget.segment()  # no traceback, a message
+    assert "image" in widget.event_label.text()
