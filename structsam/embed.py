@@ -8,8 +8,8 @@ volume: a local cluster by default, or an existing one by its scheduler address 
 must see the volumes and the cache folder at the same paths, e.g. on a shared file system).
 
 The slices are ``volume[z]`` of the array that :func:`structsam.io.read_volume` returns (or
-:func:`structsam.samples.mni152_volume` for ``sample:mri``); a viewer must pass the same arrays
-to hit the cache.  Windows are resolved once on the whole volume.
+:func:`sample_volume` for ``sample:mri``); a viewer must pass the same arrays to hit the
+cache.  Windows are resolved once on the whole volume.
 """
 
 from __future__ import annotations
@@ -26,7 +26,14 @@ import numpy as np
 
 from .errors import StructSAMError
 
-__all__ = ["EmbedResult", "build_model", "embed_volume", "embed_volumes", "load_volume"]
+__all__ = [
+    "EmbedResult",
+    "build_model",
+    "embed_volume",
+    "embed_volumes",
+    "load_volume",
+    "sample_volume",
+]
 
 SAMPLE_VOLUMES = ("sample:mri",)
 
@@ -70,6 +77,21 @@ class EmbedResult:
         return ", ".join(parts) + f" ({self.seconds:.1f} s)"
 
 
+def sample_volume(name: str = "sample:mri") -> tuple[np.ndarray, tuple[float, float, float]]:
+    """``(volume_zyx, spacing_zyx)`` of a bundled volume exactly as the napari plugin shows it
+    (the cache matches slices byte for byte, so both must use this array).
+
+    ``sample:mri``: the MNI152 T1 template of :func:`structsam.samples.mni152_volume` with Y
+    flipped, so axial slices show anterior at the top as ``mni152_slice`` does.
+    """
+    if name != "sample:mri":
+        raise StructSAMError(f"unknown sample volume {name!r}; use {', '.join(SAMPLE_VOLUMES)}")
+    from .samples import mni152_volume
+
+    vol, spacing = mni152_volume()
+    return np.ascontiguousarray(vol[:, ::-1, :]), spacing
+
+
 def load_volume(source, volume_index: int | None = None) -> tuple[np.ndarray, str]:
     """``(volume_zyx float32, name)`` of a NIfTI file, a DICOM folder, a ``.npy`` array, an
     array already in memory, or ``sample:mri`` (the bundled MNI152 T1)."""
@@ -79,12 +101,8 @@ def load_volume(source, volume_index: int | None = None) -> tuple[np.ndarray, st
         if source.ndim != 3:
             raise StructSAMError(f"a volume must be 3D (Z, Y, X), got shape {source.shape}")
         return source, "array"
-    if str(source) == "sample:mri":
-        from .samples import mni152_volume
-
-        return mni152_volume()[0], "sample:mri"
     if str(source).startswith("sample:"):
-        raise StructSAMError(f"unknown sample volume {source!r}; use {', '.join(SAMPLE_VOLUMES)}")
+        return sample_volume(str(source))[0], str(source)
     vol, _, _ = io.read_volume(source, volume_index=volume_index)
     return vol, str(source)
 

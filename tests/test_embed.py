@@ -77,7 +77,7 @@ def test_cli_resumes_without_redoing_finished_slices(mri_cache):
 
 
 def test_predictor_annotates_the_embedded_volume_without_the_encoder(litemedsam, mri_cache):
-    volume, _ = mni152_volume()
+    volume, _ = embed.sample_volume("sample:mri")  # what the plugin's sample layer shows
     cache = EmbeddingCache(mri_cache["folder"])
     structsam.patch(litemedsam, "structsam", 0.33)  # what the CLI ran
     calls = []
@@ -170,3 +170,12 @@ def test_bad_requests_are_clear(tmp_path):
         embed._slice_range("a:b", 6)
     code = main(["embed", str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "c")])
     assert code == 2
+
+
+def test_sample_volume_is_what_the_plugin_shows():
+    # the cache matches slices byte for byte: embed's sample:mri must be the plugin's layer
+    sample_data = pytest.importorskip("napari_structsam._sample_data")
+    [(data, meta, _)] = sample_data.mni152_volume_sample()
+    volume, spacing = embed.sample_volume("sample:mri")
+    np.testing.assert_array_equal(volume, data)
+    assert volume.dtype == data.dtype and tuple(meta["scale"]) == spacing
