@@ -56,6 +56,8 @@ def ensure_layers(viewer, image, shape: tuple[int, ...]) -> dict:
     layers[MERGE_MAP] = _labels(viewer, MERGE_MAP, shape, np.int32, image, opacity=0.45)
     layers[PROTECTED] = _labels(viewer, PROTECTED, shape, np.uint8, image, opacity=0.45)
     layers[PROTECTED].colormap = _single_colour(PROTECTED_COLOR)
+    # outlined, not filled: most of an anatomical image is protected, a fill would hide it
+    layers[PROTECTED].contour = 1
     layers[OBJECTS] = _labels(viewer, OBJECTS, shape, np.int32, image, opacity=0.6)
     layers[MASK] = _labels(viewer, MASK, shape, np.uint8, image, opacity=0.55)
     layers[MASK].colormap = _single_colour(MASK_COLOR)

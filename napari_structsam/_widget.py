@@ -654,7 +654,7 @@ class StructSAMWidget(QWidget):
         self.layers[L.PROTECTED].visible = self.show_protected.isChecked()
         opacity = self.opacity_slider.value() / 100
         self.layers[L.MERGE_MAP].opacity = opacity
-        self.layers[L.PROTECTED].opacity = opacity
+        self.layers[L.PROTECTED].opacity = min(1.0, 2 * opacity)  # thin outlines need more
 
     def _update_blocks(self, enc: Encoding) -> None:
         items = [f"block {i.block} · stage {i.stage} · {i.grid_shape[0]}x{i.grid_shape[1]}"

@@ -223,6 +223,20 @@ def cmd_embed(args) -> int:
     return run_cli(args)
 
 
+def cmd_annotate(args) -> int:
+    try:
+        from napari_structsam._launch import annotate
+    except ImportError as exc:  # napari is an extra: say how to get it
+        raise StructSAMError(
+            f"structsam annotate needs napari ({exc}); install it with: pip install '.[napari]'"
+        ) from exc
+    try:
+        annotate(args.file)
+    except FileNotFoundError as exc:
+        raise StructSAMError(str(exc)) from exc
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="structsam", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -307,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--threads", type=int, default=None, help="torch threads per volume")
     em.add_argument("--no-progress", action="store_true")
     em.set_defaults(func=cmd_embed)
+    ann = sub.add_parser("annotate", help="open napari with the StructSAM widget (and FILE)")
+    ann.add_argument("file", nargs="?", default=None, help="image to open (default: MRI sample)")
+    ann.set_defaults(func=cmd_annotate)
     info = sub.add_parser("info", help="list models, methods and devices")
     info.set_defaults(func=cmd_info)
     return parser
