@@ -21,6 +21,7 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QProgressBar,
     QPushButton,
+    QSizePolicy,
     QSlider,
     QVBoxLayout,
     QWidget,
@@ -185,10 +186,17 @@ class StructSAMWidget(QWidget):
         bar.addWidget(self.cancel_button)
         root.addLayout(bar)
         self.status = QLabel("choose an image layer")
-        self.status.setWordWrap(True)
         self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.event_label = QLabel("")
-        self.event_label.setWordWrap(True)
+        # Fixed sizes: text that changes the widget's size hint re-lays out the main window,
+        # and the canvas redraw that follows blocks the GUI thread (~100 ms on software GL).
+        lines = self.fontMetrics().lineSpacing()
+        self.progress.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+        for label, n in ((self.status, 5), (self.event_label, 2)):
+            label.setWordWrap(True)
+            label.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
+            label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+            label.setFixedHeight(n * lines + 4)
         root.addWidget(self.status)
         root.addWidget(self.event_label)
         root.addStretch(1)
@@ -435,7 +443,10 @@ class StructSAMWidget(QWidget):
             have = s.encoded_slices()
             for d in range(1, PREFETCH + 1):
                 slices += [n for n in (z + d, z - d) if 0 <= n < s.n_slices and n not in have]
-        if not slices:
+        if not slices:  # everything cached: show it
+            self.last_encoding = s.encoding(z) or self.last_encoding
+            self._update_overlays()
+            self._update_status()
             if segment_after:
                 self.segment(explicit=False)
             return
