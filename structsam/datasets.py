@@ -40,7 +40,6 @@ naming the file.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import re
 from collections.abc import Iterable, Iterator
@@ -51,7 +50,7 @@ import numpy as np
 
 from .errors import ImageError, StructSAMError
 from .io import PathLike, file_format, read_image, read_volume
-from .samples import KINDS, Case, case_from_mask
+from .samples import Case, case_from_mask
 
 __all__ = [
     "FORMATS",
@@ -261,9 +260,7 @@ def _pick_slices(areas: np.ndarray, max_slices: int | None, min_area: int) -> np
 
 
 def _case(name: str, image: np.ndarray, mask: np.ndarray, fmt: str, meta: dict[str, Any]) -> Case:
-    # case_from_mask accepts only the bundled sets' kinds; a dataset's kind is its format.
-    case = case_from_mask(name, image, mask, fmt if fmt in KINDS else "photo", meta=meta)
-    return dataclasses.replace(case, kind=fmt)
+    return case_from_mask(name, image, mask, fmt, meta=meta)
 
 
 def _check_shapes(image: np.ndarray, mask: np.ndarray, image_path: Path, mask_path: Path):

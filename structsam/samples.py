@@ -68,7 +68,18 @@ __all__ = [
 ]
 
 PLANES: tuple[str, ...] = ("axial", "coronal", "sagittal")
-KINDS: tuple[str, ...] = ("lesion-mri", "lesion-ct", "phantom", "photo", "anatomy-mri")
+# bundled kinds, then the formats of structsam.datasets (a loaded case's kind is its format)
+KINDS: tuple[str, ...] = (
+    "lesion-mri",
+    "lesion-ct",
+    "phantom",
+    "photo",
+    "anatomy-mri",
+    "hq-sam",
+    "npz",
+    "image-mask",
+    "nifti",
+)
 _PLANE_AXIS = {"axial": 0, "coronal": 1, "sagittal": 2}
 
 

@@ -5,10 +5,11 @@ spectrum of the token-similarity graph close to the original, while random or wi
 merging does not. Measured here as follows:
 
 - graph: the tokens of one attention window (the whole grid for global attention) with weights
-  ``W_ij = max(cos(x_i, x_j), 0)``, ``W_ii = 0``, on the block input after a plain LayerNorm;
+  ``W_ij = max(cos(x_i, x_j), 0)`` on the block input after a plain LayerNorm; self-loops
+  (``W_ii = 1``) are kept, so that merging exact duplicates changes nothing;
 - coarsening lifted back to the tokens: ``W_l = B W Bᵀ`` with ``B_ia = 1/|g(i)|`` for ``a`` in
-  token ``i``'s group ``g(i)``, so ``W_l[i, j]`` is the mean weight between the two groups
-  (self-loops dropped again); an unmerged token keeps its row of ``W`` exactly;
+  token ``i``'s group ``g(i)``, so ``W_l[i, j]`` is the mean weight between the two groups; an
+  unmerged token keeps its row of ``W`` exactly;
 - distortion: ``mean_k |λ_k(L) − λ_k(L_l)|`` over the sorted eigenvalues of the normalised
   Laplacians ``L = I − D^{-1/2} W D^{-1/2}``, averaged over tokens. It lies in [0, 2] and is 0
   when nothing merges.
@@ -37,11 +38,9 @@ def _window_distortion(x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """x (K, n, C) tokens of K windows, groups (K, n) ids -> (K,) summed |Δλ|."""
     x = F.normalize(x, dim=-1)
     w = (x @ x.transpose(1, 2)).clamp_min(0)
-    eye = torch.eye(w.shape[-1], dtype=torch.bool, device=w.device)
-    w = w.masked_fill(eye, 0)
     same = (groups[:, :, None] == groups[:, None, :]).to(w.dtype)
     b = same / same.sum(-1, keepdim=True)
-    lifted = (b @ w @ b.transpose(1, 2)).masked_fill(eye, 0)
+    lifted = b @ w @ b.transpose(1, 2)
     lam = torch.linalg.eigvalsh(_normalized_laplacian(w))
     lam_l = torch.linalg.eigvalsh(_normalized_laplacian(lifted))
     return (lam - lam_l).abs().sum(-1)
