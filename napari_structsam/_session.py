@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-DEFAULT_RATE = 0.32  # about 30 % fewer encoder FLOPs on the MNI slices (README, "Measured")
+from structsam import DEFAULT_RATE  # a constant: importing structsam loads no torch
+
 MAX_CACHED_SLICES = 48  # 4 MiB of features each for LiteMedSAM
 # Propagation stops when the new slice's mask overlaps the previous one less than this (IoU) ...
 STOP_IOU = 0.35
@@ -107,6 +108,7 @@ class Encoding:
     geometry: Any
     merge_info: list
     seconds: float
+    from_cache: bool = False  # read from the disk cache (e.g. `structsam embed`): no encoder run
 
     def tokens(self) -> tuple[int, int]:
         """(kept, total) tokens summed over the merged blocks; (0, 0) when nothing merged."""
@@ -238,6 +240,12 @@ class Session:
         # the same time in another thread: counting holds this lock, the GUI's decode only tries
         self._count_lock = threading.Lock()
         self._range = (0.0, 1.0)
+        # disk cache of embeddings shared with `structsam embed` (structsam.cache); None: the
+        # default folder ($STRUCTSAM_CACHE_DIR or ~/.cache/structsam/embeddings)
+        self.use_disk_cache = True
+        self.cache_folder: str | None = None
+        self.cache_note: str | None = None  # why the disk cache is off, for the status line
+        self._disk_cache = None
 
     # ------------------------------------------------------------------ image and state
 
@@ -361,7 +369,7 @@ class Session:
                 raise EncodeCancelled
             model = self.model_for(settings)
             self._patch(model, settings)
-            predictor = structsam.Predictor(model)
+            predictor = structsam.Predictor(model, cache=self.disk_cache())
             with _cancel_hooks(model, cancelled):
                 predictor.set_image(image, window=self.window, prompts=prompts)
         return Encoding(
@@ -373,7 +381,27 @@ class Session:
             predictor.geometry,
             predictor.merge_info,
             float(predictor.encode_seconds),
+            bool(predictor.from_cache),
         )
+
+    def disk_cache(self):
+        """The ``EmbeddingCache`` in use, opened on first use; None when off or unusable (an
+        unwritable folder turns it off with a note instead of failing the encode)."""
+        if not self.use_disk_cache:
+            return None
+        folder = self.cache_folder or None
+        if self._disk_cache is None or (folder and str(self._disk_cache.folder) != folder):
+            from structsam.cache import EmbeddingCache
+            from structsam.errors import StructSAMError
+
+            try:
+                self._disk_cache = EmbeddingCache(folder)
+                self.cache_note = None
+            except StructSAMError as exc:
+                self.use_disk_cache = False
+                self.cache_note = f"disk cache off: {exc}"
+                return None
+        return self._disk_cache
 
     def flops_stats(
         self, z: int, settings: EncoderSettings | None = None, prompts=None, time_unmerged=True,

@@ -115,6 +115,20 @@ class StructSAMWidget(QWidget):
         self.device_combo = QComboBox()
         self.device_combo.addItems(devices)
         form.addRow("device", self.device_combo)
+        cache = QHBoxLayout()
+        self.cache_check = QCheckBox("on")
+        self.cache_check.setChecked(True)
+        self.cache_edit = QLineEdit()
+        self.cache_edit.setPlaceholderText("$STRUCTSAM_CACHE_DIR or ~/.cache/structsam")
+        tip = (
+            "Embeddings are kept on disk (size-limited) and reused when the image, model, "
+            "method, rate and window are the same; `structsam embed` fills this cache"
+        )
+        self.cache_check.setToolTip(tip)
+        self.cache_edit.setToolTip(tip)
+        cache.addWidget(self.cache_check)
+        cache.addWidget(self.cache_edit)
+        form.addRow("disk cache", cache)
         root.addWidget(box)
 
         box = QGroupBox("Token merging")
@@ -218,6 +232,8 @@ class StructSAMWidget(QWidget):
         self.window_check.toggled.connect(self._window_changed)
         self.model_combo.currentTextChanged.connect(self._settings_changed)
         self.ckpt_edit.editingFinished.connect(self._settings_changed)
+        self.cache_check.toggled.connect(self._cache_changed)
+        self.cache_edit.editingFinished.connect(self._cache_changed)
         self.ckpt_button.clicked.connect(self._browse_checkpoint)
         self.device_combo.currentTextChanged.connect(self._settings_changed)
         self.method_combo.currentTextChanged.connect(self._method_changed)
@@ -296,6 +312,11 @@ class StructSAMWidget(QWidget):
         if path:
             self.ckpt_edit.setText(path)
             self._settings_changed()
+
+    def _cache_changed(self, *_) -> None:
+        self.session.use_disk_cache = self.cache_check.isChecked()
+        self.session.cache_folder = self.cache_edit.text().strip() or None
+        self._update_status()
 
     def _settings_changed(self, *_) -> None:
         new = self.settings()
@@ -746,12 +767,16 @@ class StructSAMWidget(QWidget):
             )
         elif settings.merging:
             parts.append("FLOPs: counting…")
-        if enc is not None:
+        if enc is not None and enc.from_cache:
+            parts.append(f"embedding from the disk cache (encoded in {enc.seconds:.2f} s)")
+        elif enc is not None:
             timing = f"last encode {enc.seconds:.2f} s"
             if stats is not None and stats.unmerged_seconds and settings.merging:
                 ratio = stats.unmerged_seconds / enc.seconds
                 timing += f", unmerged {stats.unmerged_seconds:.2f} s ({ratio:.2f}x)"
             parts.append(timing)
+        if s.cache_note:
+            parts.append(s.cache_note)
         self.status.setText(" · ".join(parts))
 
     def _event(self, text: str, error: bool = False) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import DEFAULT_RATE
 from .errors import StructSAMError
 
 SAMPLES = {
@@ -250,7 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--device", default="cpu")
     seg.add_argument("--method", default="structsam")
     seg.add_argument(
-        "--rate", type=float, default=0.33, help="merge rate (0.33: about 30%% fewer FLOPs)"
+        "--rate",
+        type=float,
+        default=DEFAULT_RATE,
+        help=f"merge rate ({DEFAULT_RATE}: about 30%% fewer FLOPs)",
     )
     seg.add_argument("--prompt-aware", action="store_true", help="protect the prompt region")
     seg.add_argument("--slice", type=int, default=None, help="slice index of a 3D volume")
@@ -311,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--checkpoint", default=None)
     em.add_argument("--device", default="cpu")
     em.add_argument("--method", default="structsam", help="merge method, or none")
-    em.add_argument("--rate", type=float, default=0.33)
+    em.add_argument("--rate", type=float, default=DEFAULT_RATE)
     em.add_argument("--window", default=None, help="preset (ct-lung, mr-percentiles...) or L,H")
     em.add_argument("--volume", type=int, default=None, help="volume index of a 4D/5D NIfTI")
     em.add_argument("--slices", default=None, help="only these slices, START:STOP")

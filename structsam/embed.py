@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from . import DEFAULT_RATE
 from .errors import StructSAMError
 
 __all__ = [
@@ -111,7 +112,7 @@ def build_model(
     model: str = "litemedsam",
     checkpoint=None,
     method: str | None = "structsam",
-    rate=0.33,
+    rate=DEFAULT_RATE,
     device: str = "cpu",
     **options,
 ):
@@ -156,7 +157,7 @@ def embed_volume(
     *,
     checkpoint=None,
     method: str | None = "structsam",
-    rate=0.33,
+    rate=DEFAULT_RATE,
     window=None,
     device: str = "cpu",
     volume_index: int | None = None,

@@ -39,3 +39,9 @@ def small_vit():
         torch.nn.init.normal_(blk.attn.rel_pos_h, std=0.5)
         torch.nn.init.normal_(blk.attn.rel_pos_w, std=0.5)
     return enc.eval()
+
+
+@pytest.fixture(autouse=True)
+def _own_embedding_cache(tmp_path, monkeypatch):
+    """Every test gets an empty disk cache of embeddings, never the user's."""
+    monkeypatch.setenv("STRUCTSAM_CACHE_DIR", str(tmp_path / "embedding-cache"))

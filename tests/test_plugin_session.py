@@ -137,3 +137,36 @@ def test_propagation_can_be_cancelled():
 
     with pytest.raises(EncodeCancelled):
         list(s.propagate(15, cancelled=cancelled))
+
+
+def test_volume_pre_encoded_by_structsam_embed_needs_no_encoder(tmp_path):
+    """`structsam embed sample:mri` fills the disk cache; the plugin's session then gets those
+    slices with no encoder call and the same mask as a fresh encode."""
+    from napari_structsam._sample_data import mni152_volume_sample
+    from structsam.cli import main
+
+    cache = tmp_path / "cache"
+    assert (
+        main(["embed", "sample:mri", "--slices", "90:92", "--out", str(cache), "--no-progress"])
+        == 0
+    )
+    volume = mni152_volume_sample()[0][0]
+    session = Session()
+    session.cache_folder = str(cache)
+    session.set_image(volume)
+    calls = []
+    model = session.model_for(session.settings)
+    hook = model.image_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        encs = [session.ensure_encoded(z) for z in (90, 91)]
+    finally:
+        hook.remove()
+    assert calls == [] and all(e.from_cache for e in encs)
+    box = np.array([70.0, 60.0, 125.0, 110.0])
+    cached_mask, _ = session.segment(90, Prompts(box=box))
+    fresh = Session()
+    fresh.use_disk_cache = False
+    fresh.set_image(volume)
+    assert not fresh.ensure_encoded(90).from_cache
+    fresh_mask, _ = fresh.segment(90, Prompts(box=box))
+    assert cached_mask.any() and np.array_equal(cached_mask, fresh_mask)
