@@ -46,6 +46,9 @@ def _labels(viewer, name, shape, dtype, image, **kwargs):
     if layer is None:
         layer = viewer.add_labels(np.zeros(shape, dtype), name=name, **kwargs)
     _aligned(layer, image)
+    # the source file's geometry, so File > Save writes labels that overlay the scan (NIfTI)
+    source = {k: v for k, v in image.metadata.items() if k.startswith("structsam_")}
+    layer.metadata.update(source)
     return layer
 
 
