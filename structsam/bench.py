@@ -31,10 +31,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import MergeError, StructSAMError
-from .evaluate import time_encoders
+from .evaluate import encode_flops, noise_stability, prompt_mask, time_encoders
 from .flops import calibrate
 from .merge import get_method
 from .metrics import boundary_iou, dice, iou
@@ -82,35 +81,6 @@ def case_prompt(case: Case, prompt: str, jitter: float = 0.0, rng=None) -> dict:
         out["point_coords"] = np.asarray(case.point, float).reshape(1, 2)
         out["point_labels"] = np.array([1])
     return out
-
-
-def _encode_flops(predictor: Predictor, image, prompts=None) -> int:
-    with FlopCounterMode(display=False) as counter:
-        predictor.set_image(image, prompts=prompts)
-    return int(counter.get_total_flops())
-
-
-def _mask(predictor: Predictor, prompts: dict) -> np.ndarray:
-    masks, _, _ = predictor.predict(
-        point_coords=prompts.get("point_coords"),
-        point_labels=prompts.get("point_labels"),
-        box=prompts.get("box"),
-    )
-    return masks[0]
-
-
-def noise_stability(predictor, image, prompts, draws=3, sigma=1 / 255, seed=0) -> float:
-    """Mean IoU of the unmerged mask against itself under small Gaussian input noise."""
-    rng = np.random.default_rng(seed)
-    img = np.asarray(image, np.float32)
-    span = float(img.max() - img.min()) or 1.0
-    predictor.set_image(img)
-    clean = _mask(predictor, prompts)
-    ious = []
-    for _ in range(draws):
-        predictor.set_image(img + rng.normal(0, sigma * span, img.shape).astype(np.float32))
-        ious.append(iou(_mask(predictor, prompts), clean))
-    return float(np.mean(ious))
 
 
 class _PeakTensorMemory(TorchDispatchMode):
@@ -241,6 +211,7 @@ def bench_model(
     calib_count: int = 4,
     spectral_count: int = 2,
     progress: Callable[[int], None] | None = None,
+    set_total: Callable[[int], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Benchmark one model (see the module docstring); returns a JSON-ready dict."""
@@ -254,10 +225,10 @@ def bench_model(
     # 1. the unmerged model; the well-posedness filter
     dense = []
     for case, pr in zip(cases, prompts, strict=True):
-        flops = _encode_flops(predictor, case.image)
+        flops = encode_flops(predictor, case.image)
         row = {"name": case.name, "kind": case.kind, "flops": flops}
         if quality:
-            mask = _mask(predictor, pr)
+            mask = prompt_mask(predictor, pr)
             row.update(
                 dice=dice(mask, case.mask),
                 iou=iou(mask, case.mask),
@@ -286,6 +257,10 @@ def bench_model(
     calib = _spread(good, calib_count)
     spectral = _spread(good, spectral_count)
     timing_case = good[0]
+    # merged settings segment only the cases some summary uses: well-posed and ill-posed ones
+    used = sorted(set(good) | set(ill))
+    if set_total is not None:  # the progress bar's length, now that it is known
+        set_total(len(cases) + len(settings) * len(used))
 
     # 2-3. calibrate every setting, then segment every case with it
     results = []
@@ -302,22 +277,23 @@ def bench_model(
         except MergeError as exc:
             s.note = str(exc)
             log(f"{s.key}: {exc}")
-            tick(len(cases))
+            tick(len(used))
             results.append({"setting": s, "rows": []})
             continue
-        rows = []
-        for i, (case, pr) in enumerate(zip(cases, prompts, strict=True)):
-            flops = _encode_flops(predictor, case.image, pr if s.mode == "prompt" else None)
+        rows: list[dict | None] = [None] * len(cases)
+        for i in used:
+            case, pr = cases[i], prompts[i]
+            flops = encode_flops(predictor, case.image, pr if s.mode == "prompt" else None)
             row = {"name": case.name, "flops": flops}
             if quality:
-                mask = _mask(predictor, pr)
+                mask = prompt_mask(predictor, pr)
                 row.update(
                     dice=dice(mask, case.mask),
                     iou=iou(mask, case.mask),
                     boundary_iou=boundary_iou(mask, case.mask),
                     fidelity=iou(mask, dense[i]["_mask"]),
                 )
-            rows.append(row)
+            rows[i] = row
             tick(1)
         s.summary["spectral_distortion"] = float(
             np.mean(
@@ -363,7 +339,9 @@ def bench_model(
         }
         if rows:
             entry.update(_summary([rows[i] for i in good], dense_good))
-            all_cut = 1 - np.mean([r["flops"] for r in rows]) / np.mean([d["flops"] for d in dense])
+            all_cut = 1 - np.mean([rows[i]["flops"] for i in used]) / np.mean(
+                [dense[i]["flops"] for i in used]
+            )
             entry["flops_cut_all"] = float(all_cut)
             entry.update(s.summary)
             if ill:
@@ -398,14 +376,18 @@ def bench_model(
         "unmerged": unmerged,
         "settings": out_settings,
         "cases": dense,
-        "per_setting_cases": {res["setting"].key: res["rows"] for res in results if res["rows"]},
+        "per_setting_cases": {
+            res["setting"].key: [r for r in res["rows"] if r is not None]
+            for res in results
+            if res["rows"]
+        },
     }
 
 
 def _progress_line(s: Setting, rows, dense, good) -> str:
     cut = 1 - np.mean([rows[i]["flops"] for i in good]) / np.mean([dense[i]["flops"] for i in good])
     line = f"{s.key}: rate {s.rate:.3f}, FLOPs cut {cut:.1%}"
-    if "fidelity" in rows[0]:
+    if "fidelity" in rows[good[0]]:
         fid = np.mean([rows[i]["fidelity"] for i in good])
         drop = np.mean([dense[i]["dice"] for i in good]) - np.mean([rows[i]["dice"] for i in good])
         line += f", Dice drop {100 * drop:.2f} pt, fidelity {fid:.4f}"

@@ -205,6 +205,7 @@ def cmd_bench(args) -> int:
                 calib_count=1 if fast else args.calibration_cases,
                 spectral_count=1 if fast else 2,
                 progress=bar.update,
+                set_total=lambda n, bar=bar: setattr(bar, "total", n),
                 log=bar.write,
             )
         results.append(res)

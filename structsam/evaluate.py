@@ -36,27 +36,35 @@ class CaseResult:
     merged: dict = field(default_factory=dict)  # setting -> {dice, fidelity, flops}
 
 
-def _encode(predictor, image, prompts=None):
+def encode_flops(predictor, image, prompts=None) -> int:
+    """Encode ``image`` with ``predictor`` and return the FLOPs that took."""
     with FlopCounterMode(display=False) as counter:
         predictor.set_image(image, prompts=prompts)
     return int(counter.get_total_flops())
 
 
-def _box_mask(predictor, box):
-    masks, _, _ = predictor.predict(box=box)
+def prompt_mask(predictor, prompts: dict) -> np.ndarray:
+    """The single-mask answer to ``prompts`` (``box``, ``point_coords``/``point_labels``)."""
+    masks, _, _ = predictor.predict(
+        point_coords=prompts.get("point_coords"),
+        point_labels=prompts.get("point_labels"),
+        box=prompts.get("box"),
+    )
     return masks[0]
 
 
-def noise_stability(predictor, case, draws=3, sigma=1 / 255, seed=0) -> float:
+def noise_stability(predictor, image, prompts: dict, draws=3, sigma=1 / 255, seed=0) -> float:
+    """Mean IoU of the unmerged mask against itself under Gaussian input noise of ``sigma``
+    times the image's range: a prompt whose mask moves under such noise is ill-posed."""
     rng = np.random.default_rng(seed)
-    img = np.asarray(case.image, np.float32)
+    img = np.asarray(image, np.float32)
     span = float(img.max() - img.min()) or 1.0
     predictor.set_image(img)
-    clean = _box_mask(predictor, case.box)
+    clean = prompt_mask(predictor, prompts)
     ious = []
     for _ in range(draws):
         predictor.set_image(img + rng.normal(0, sigma * span, img.shape).astype(np.float32))
-        ious.append(iou(_box_mask(predictor, case.box), clean))
+        ious.append(iou(prompt_mask(predictor, prompts), clean))
     return float(np.mean(ious))
 
 
@@ -76,9 +84,9 @@ def quality_curve(
     results: list[CaseResult] = []
     dense_masks = []
     for case in cases:
-        flops = _encode(predictor, case.image)
-        mask = _box_mask(predictor, case.box)
-        stab = noise_stability(predictor, case)
+        flops = encode_flops(predictor, case.image)
+        mask = prompt_mask(predictor, {"box": case.box})
+        stab = noise_stability(predictor, case.image, {"box": case.box})
         results.append(CaseResult(case.name, case.kind, dice(mask, case.mask), stab, flops))
         dense_masks.append(mask)
     kept = [r.dice_dense >= min_dice for r in results]
@@ -104,8 +112,8 @@ def quality_curve(
             settings.append({"key": key, "mode": mode, "target": red, "rate": rate})
             for case, res, dense_mask in zip(good, good_res, good_masks, strict=True):
                 prompts = {"box": case.box} if mode == "prompt" else None
-                flops = _encode(predictor, case.image, prompts)
-                mask = _box_mask(predictor, case.box)
+                flops = encode_flops(predictor, case.image, prompts)
+                mask = prompt_mask(predictor, {"box": case.box})
                 res.merged[key] = {
                     "dice": dice(mask, case.mask),
                     "fidelity": iou(mask, dense_mask),
