@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 # The StructSAM rate that cuts LiteMedSAM's encoder FLOPs by about 30 % on the bundled MRI slices
 # (README, "Measured"). One constant, so the CLI, `structsam embed` and the napari plugin produce
 # the same embeddings and share cache entries.
-DEFAULT_RATE = 0.32
+DEFAULT_RATE = 0.33
 
 _LAZY = {
     "load_model": "structsam.models",

@@ -85,7 +85,17 @@ def calibrate(
 
     # the cut grows about linearly with the rate: regula falsi converges in a few steps
     lo, hi = 0.0, info.max_rate
-    c_lo, c_hi = 0.0, cut(hi)
+    # rate 0 is not always the identity (ALGM's similarity threshold merges regardless)
+    c_lo = cut(lo)
+    if c_lo > flops_reduction + tolerance:
+        unpatch(model)
+        raise MergeError(
+            f"{method} cannot cut encoder FLOPs by as little as {flops_reduction:.0%}: at rate 0 "
+            f"it already cuts {c_lo:.1%} on these images (its own threshold merges)"
+        )
+    if abs(c_lo - flops_reduction) <= tolerance:
+        return lo
+    c_hi = cut(hi)
     if c_hi < flops_reduction - tolerance:
         unpatch(model)
         raise MergeError(

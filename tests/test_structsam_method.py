@@ -1,5 +1,6 @@
 """The StructSAM selection rule on hand-built feature maps."""
 
+import pytest
 import torch
 
 from structsam.merge import Grid, Plan
@@ -23,17 +24,49 @@ def test_energy_is_high_at_the_edge_and_zero_in_flat_parts():
     assert torch.all(e[:, [3, 4]] > 0.1)
 
 
-def test_edge_cells_are_protected_and_flat_cells_merged():
+@pytest.mark.parametrize("rate, screen", [(0.5, 1.0), (0.25, 2.0)])
+def test_edge_cells_are_protected_and_flat_cells_merged(rate, screen):
+    # candidates are the flattest cells holding screen x the budget: 36 removable tokens in the
+    # 12 flat cells cover 32 = 0.5 * 64 (screen 1) and 2 * 16 = 0.25 * 64 * 2 (screen 2)
     feat = _step_features(edge_col=5)  # edge inside the cells of columns 4-5
     grid = Grid(8, 8, None)
-    dst, protected = structsam_merge(feat, grid, rate=0.5, coarse=0)
+    dst, protected = structsam_merge(feat, grid, rate=rate, coarse=0, screen=screen)
     dst, protected = dst[0].view(8, 8), protected[0].view(8, 8)
     # columns 4-5 hold the edge (energy at 4 and 5): their cells are protected, never merged
     assert protected[:, 4:6].all()
     idx = torch.arange(64).view(8, 8)
     assert torch.equal(dst[:, 4:6], idx[:, 4:6])
-    # 0.5 * 64 = 32 tokens removed, 3 per flat 2x2 cell, from the flat cells only
-    assert int((dst != idx).sum()) == 32
+    # rate * 64 tokens removed, from the flat cells only
+    assert int((dst != idx).sum()) == round(rate * 64)
+
+
+def test_screen_lets_similarity_pick_sources_among_candidate_cells():
+    # with screen 2 the candidate cells hold twice the budget; inside them the merged sources
+    # are exactly the most similar to their cell's destination (the rest stay, unprotected)
+    torch.manual_seed(2)
+    feat = torch.randn(1, 8, 8, 16)
+    grid = Grid(8, 8, None)
+    budget = 16
+    dst, protected = structsam_merge(feat, grid, rate=budget / 64, coarse=0, screen=2.0)
+    dst, protected = dst[0], protected[0]
+    idx = torch.arange(64)
+    merged = dst != idx
+    assert int(merged.sum()) == budget
+    cand = ~protected
+    assert int(cand.sum()) > 2 * budget  # more candidates than the budget needs
+    # each candidate cell's destination: the token its merged members point at, else itself
+    f = torch.nn.functional.layer_norm(feat[0].reshape(64, 16), (16,))
+    cell_dst = {}
+    for t in torch.nonzero(merged).squeeze(1).tolist():
+        cell_dst[int(grid.cell_id[t])] = int(dst[t])
+    sims_merged, sims_left = [], []
+    for t in torch.nonzero(cand).squeeze(1).tolist():
+        d = cell_dst.get(int(grid.cell_id[t]))
+        if d is None or d == t:
+            continue
+        sim = float(f[t] @ f[d])
+        (sims_merged if merged[t] else sims_left).append(sim)
+    assert sims_left and min(sims_merged) >= max(sims_left)
 
 
 def test_destination_is_the_lowest_energy_token_of_its_cell():
@@ -84,7 +117,7 @@ def test_plan_merge_is_the_group_mean_and_unmerge_recovers():
 def test_coarse_merges_a_whole_flat_4x4_block_into_one_token():
     feat = _step_features(edge_col=5)
     grid = Grid(8, 8, None)
-    dst, _ = structsam_merge(feat, grid, rate=0.5, coarse=1)
+    dst, _ = structsam_merge(feat, grid, rate=36 / 64, coarse=1, screen=1.0)
     d = dst[0].view(8, 8)
     # columns 0-3 are flat and wholly chosen: each 4x4 block becomes one group
     assert len(d[:4, :4].unique()) == 1 and len(d[4:, :4].unique()) == 1
