@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 
 def quality_table(res: dict) -> str:
     lines = [
@@ -105,14 +107,37 @@ def bench_verdicts(res: dict) -> list[str]:
             fid_ok = o["fidelity"] > best_fid["fidelity"]
             drop_ok = o["dice_drop"] < best_drop["dice_drop"]
             label = "prompt-aware" if mode == "prompt" else "content-only"
-            lines.append(
+            line = (
                 f"- −{target:.0%}, StructSAM {label}: fidelity {o['fidelity']:.4f} vs best "
                 f"baseline {best_fid['fidelity']:.4f} ({best_fid['method']}) → "
                 f"{'best' if fid_ok else 'NOT best'}; Dice drop {100 * o['dice_drop']:.2f} pt "
                 f"vs {100 * best_drop['dice_drop']:.2f} pt ({best_drop['method']}) → "
                 f"{'smallest' if drop_ok else 'NOT smallest'}"
             )
+            paired = _paired_dice(res, o, best_drop)
+            if paired is not None:
+                line += f" (per-case Dice difference {paired[0]:+.2f} ± {paired[1]:.2f} pt, s.e.)"
+            lines.append(line)
     return lines
+
+
+def _paired_dice(res: dict, a: dict, b: dict) -> tuple[float, float] | None:
+    """Mean and standard error (points) of the per-case Dice of setting ``a`` minus ``b`` over
+    the well-posed cases: how much of a difference in Dice drop is noise."""
+    per = res.get("per_setting_cases", {})
+
+    def key(s):
+        return f"{s['method']}/{s['mode']}@{s['target']:.2f}"
+
+    if key(a) not in per or key(b) not in per:
+        return None
+    good = {c["name"] for c in res.get("cases", []) if c.get("well_posed")}
+    da = {r["name"]: r["dice"] for r in per[key(a)] if r["name"] in good}
+    db = {r["name"]: r["dice"] for r in per[key(b)] if r["name"] in good}
+    diff = np.array([100 * (da[n] - db[n]) for n in da if n in db])
+    if len(diff) < 2:
+        return None
+    return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
 
 
 def bench_table(res: dict) -> str:

@@ -149,3 +149,33 @@ def test_verdicts_compare_structsam_with_the_baselines_only():
     lines = bench_verdicts(_fake_result((0.90, 0.03), (0.97, 0.002), (0.93, 0.02)))
     assert "NOT best" in lines[0] and "NOT smallest" in lines[0]
     assert "NOT" not in lines[1]
+
+
+def test_paired_dice_difference_uses_well_posed_cases_only():
+    from structsam.report import _paired_dice
+
+    a = {"method": "structsam", "mode": "plain", "target": 0.3}
+    b = {"method": "tome", "mode": "plain", "target": 0.3}
+    res = {
+        "cases": [
+            {"name": "x", "well_posed": True},
+            {"name": "y", "well_posed": True},
+            {"name": "z", "well_posed": False},
+        ],
+        "per_setting_cases": {
+            "structsam/plain@0.30": [
+                {"name": "x", "dice": 0.90},
+                {"name": "y", "dice": 0.80},
+                {"name": "z", "dice": 0.10},
+            ],
+            "tome/plain@0.30": [
+                {"name": "x", "dice": 0.88},
+                {"name": "y", "dice": 0.80},
+                {"name": "z", "dice": 0.90},
+            ],
+        },
+    }
+    mean, se = _paired_dice(res, a, b)
+    assert mean == pytest.approx(1.0)  # (+2 + 0) / 2 points; z is ignored
+    assert se == pytest.approx(1.0)  # std of (2, 0) is sqrt(2), over sqrt(2)
+    assert _paired_dice({"per_setting_cases": {}}, a, b) is None
