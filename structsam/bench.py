@@ -170,16 +170,15 @@ def _summary(rows: list[dict], dense_rows: list[dict]) -> dict:
     def mean(key, rs):
         return float(np.mean([r[key] for r in rs])) if rs else float("nan")
 
-    out = {
-        "n": len(rows),
-        "dice": mean("dice", rows),
-        "iou": mean("iou", rows),
-        "boundary_iou": mean("boundary_iou", rows),
-        "flops": mean("flops", rows),
-    }
+    out = {"n": len(rows), "flops": mean("flops", rows)}
+    quality = bool(rows) and "dice" in rows[0]  # random weights: FLOPs only
+    if quality:
+        out.update(dice=mean("dice", rows), iou=mean("iou", rows))
+        out["boundary_iou"] = mean("boundary_iou", rows)
     if dense_rows:
-        out["dice_drop"] = mean("dice", dense_rows) - out["dice"]
-        out["iou_drop"] = mean("iou", dense_rows) - out["iou"]
+        if quality:
+            out["dice_drop"] = mean("dice", dense_rows) - out["dice"]
+            out["iou_drop"] = mean("iou", dense_rows) - out["iou"]
         out["flops_cut"] = 1 - out["flops"] / mean("flops", dense_rows)
     if rows and "fidelity" in rows[0]:
         out["fidelity"] = mean("fidelity", rows)

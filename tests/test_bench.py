@@ -179,3 +179,28 @@ def test_paired_dice_difference_uses_well_posed_cases_only():
     assert mean == pytest.approx(1.0)  # (+2 + 0) / 2 points; z is ignored
     assert se == pytest.approx(1.0)  # std of (2, 0) is sqrt(2), over sqrt(2)
     assert _paired_dice({"per_setting_cases": {}}, a, b) is None
+
+
+@pytest.mark.slow
+def test_bench_without_quality_reports_flops_time_and_distortion(litemedsam, tmp_path):
+    # the random-weights path (vit_b with checkpoint="random"): no masks, no quality columns
+    res = bench_model(
+        "litemedsam (as if random)",
+        litemedsam,
+        coin_cases(1),
+        [Setting("structsam", "plain", 0.30), Setting("tome", "plain", 0.30)],
+        quality=False,
+        repeats=1,
+        calib_count=1,
+        spectral_count=1,
+        log=lambda s: None,
+    )
+    assert "dice" not in res["unmerged"] and res["unmerged"]["flops"] > 0
+    for s in res["settings"]:
+        assert s["flops_cut"] == pytest.approx(0.30, abs=0.02)
+        assert "dice" not in s and "fidelity" not in s
+        assert s["spectral_distortion"] > 0 and s["speedup"] > 0
+    table = bench_table(res)
+    assert "no quality columns" in table and "| structsam |" in table
+    bench_plots([res], tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
