@@ -161,6 +161,15 @@ def merge_distortion(model, image, prompts=None) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
+def _scores(mask: np.ndarray, truth: np.ndarray) -> dict:
+    """Quality of ``mask`` against ground truth ``truth``."""
+    return {
+        "dice": dice(mask, truth),
+        "iou": iou(mask, truth),
+        "boundary_iou": boundary_iou(mask, truth),
+    }
+
+
 def _spread(items: Sequence, count: int) -> list:
     step = max(1, len(items) // max(count, 1))
     return list(items[::step][:count])
@@ -229,9 +238,7 @@ def bench_model(
         if quality:
             mask = prompt_mask(predictor, pr)
             row.update(
-                dice=dice(mask, case.mask),
-                iou=iou(mask, case.mask),
-                boundary_iou=boundary_iou(mask, case.mask),
+                _scores(mask, case.mask),
                 stability=noise_stability(predictor, case.image, pr),
                 well_posed_hint=case.well_posed_hint,
             )
@@ -286,12 +293,7 @@ def bench_model(
             row = {"name": case.name, "flops": flops}
             if quality:
                 mask = prompt_mask(predictor, pr)
-                row.update(
-                    dice=dice(mask, case.mask),
-                    iou=iou(mask, case.mask),
-                    boundary_iou=boundary_iou(mask, case.mask),
-                    fidelity=iou(mask, dense[i]["_mask"]),
-                )
+                row.update(_scores(mask, case.mask), fidelity=iou(mask, dense[i]["_mask"]))
             rows[i] = row
             tick(1)
         s.summary["spectral_distortion"] = float(

@@ -86,7 +86,6 @@ def calibrate(
         patch(model, method, rate, **options)
         return mean_reduction(model, images, prompts, dense)
 
-    # the cut grows about linearly with the rate: regula falsi converges in a few steps
     # the smallest rate that merges at all may already cut a lot: ALGM's similarity threshold
     # collapses every similar cell whatever the rate (30.7 % on the MNI slice)
     lo = MIN_RATE
@@ -109,6 +108,7 @@ def calibrate(
         )
     if abs(c_hi - flops_reduction) <= tolerance:
         return hi
+    # the cut grows about linearly with the rate: regula falsi converges in a few steps
     side = 0
     for _ in range(25):
         mid = hi - (c_hi - flops_reduction) * (hi - lo) / (c_hi - c_lo)
