@@ -30,6 +30,7 @@ _LAZY = {
     "Predictor": "structsam.predictor",
     "encoder_flops": "structsam.flops",
     "calibrate": "structsam.flops",
+    "PromptWarning": "structsam.errors",
 }
 
 __all__ = sorted(_LAZY)

@@ -19,3 +19,7 @@ class PromptError(StructSAMError):
 
 class MergeError(StructSAMError):
     """A merge method, rate or option is not valid for this model."""
+
+
+class PromptWarning(UserWarning):
+    """A prompt was changed to fit the image (clipped to its edges); the message says how."""

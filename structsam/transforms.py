@@ -15,13 +15,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ImageError, PromptError, StructSAMError
+from .errors import ImageError, PromptError, PromptWarning, StructSAMError
 from .models.registry import ModelSpec, get_spec, resolve_device
 
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
-# Prompts may overhang the image by this much (pixels) before they count as outside it.
+# Prompts overhanging the image by up to this much (pixels) are clipped without a warning.
 PROMPT_TOLERANCE = 0.5
 
 
@@ -314,75 +314,107 @@ def _check_size(original_size) -> tuple[int, int]:
     return height, width
 
 
-def _outside(values: np.ndarray, limit: float) -> np.ndarray:
-    return (values < -PROMPT_TOLERANCE) | (values > limit + PROMPT_TOLERANCE)
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in np.asarray(values, float).ravel()) + ")"
 
 
 def validate_box(box, original_size) -> np.ndarray:
     """Check a box (4,) or boxes (N, 4) as x0, y0, x1, y1 in original pixels.
 
-    Boxes overhanging the image by up to 0.5 px are clipped to [0, W] x [0, H]; anything
-    further out, non-finite, or with x0 >= x1 or y0 >= y1 raises PromptError. Returns float64.
+    Boxes overhanging the image are clipped to [0, W] x [0, H]: silently up to 0.5 px (a drag
+    that ends on the border), with a :class:`~structsam.errors.PromptWarning` beyond that. A box
+    entirely outside the image, non-finite, or with x0 >= x1 or y0 >= y1 raises PromptError.
+    Returns float64 in the input's shape.
     """
     height, width = _check_size(original_size)
     boxes = _as_float_array(box, "box", last=4)
     if boxes.ndim > 2:
-        raise PromptError(f"box must have shape (4,) or (N, 4), got {boxes.shape}")
+        raise PromptError(
+            f"box must have shape (4,) or (N, 4) as x0, y0, x1, y1, got {boxes.shape}"
+        )
     flat = boxes.reshape(-1, 4)
     if flat.shape[0] == 0:
-        raise PromptError("no boxes given")
+        raise PromptError("box: no boxes given; need shape (4,) or (N, 4) as x0, y0, x1, y1")
     if not np.isfinite(flat).all():
-        raise PromptError("box coordinates must be finite")
+        raise PromptError(f"box coordinates must be finite, got {flat.tolist()}")
     x0, y0, x1, y1 = flat.T
     bad = (x0 >= x1) | (y0 >= y1)
     if bad.any():
         raise PromptError(
-            f"box {flat[bad][0].tolist()} is empty or inverted: need x0 < x1 and y0 < y1 "
+            f"box {_fmt(flat[bad][0])} is empty or inverted: need x0 < x1 and y0 < y1 "
             "(order is x0, y0, x1, y1)"
         )
-    off = _outside(flat[:, 0::2], width).any(axis=1) | _outside(flat[:, 1::2], height).any(axis=1)
+    # nothing left after clipping: no pixel of the image is inside
+    off = (x0 >= width) | (x1 <= 0) | (y0 >= height) | (y1 <= 0)
     if off.any():
         raise PromptError(
-            f"box {flat[off][0].tolist()} lies outside the {width}x{height} (W x H) image"
+            f"box {_fmt(flat[off][0])} lies entirely outside the {width}x{height} (W x H) image; "
+            f"boxes must overlap x 0..{width}, y 0..{height}"
         )
     clipped = flat.copy()
     clipped[:, 0::2] = np.clip(clipped[:, 0::2], 0, width)
     clipped[:, 1::2] = np.clip(clipped[:, 1::2], 0, height)
+    moved = np.abs(clipped - flat).max(axis=1) > PROMPT_TOLERANCE
+    if moved.any():
+        i = int(np.flatnonzero(moved)[0])
+        more = f" (and {int(moved.sum()) - 1} more)" if moved.sum() > 1 else ""
+        warnings.warn(
+            f"box {_fmt(flat[i])} overhangs the {width}x{height} (W x H) image; clipped to "
+            f"{_fmt(clipped[i])}{more}",
+            PromptWarning,
+            stacklevel=2,
+        )
     return clipped.reshape(boxes.shape)
 
 
 def validate_points(coords, labels, original_size) -> tuple[np.ndarray, np.ndarray]:
     """Check points (N, 2) as x, y with labels (N,) of 1 (foreground) or 0 (background).
 
-    Points within 0.5 px outside the image are clipped onto it. Returns (coords float64, labels
-    int64), or raises PromptError on a wrong shape, a length mismatch, other labels, or points
-    outside the image.
+    A single point may be given as (2,) with a scalar or (1,) label; it is taken as (1, 2).
+    Points beyond the image are moved onto its edge: silently up to 0.5 px, with a
+    :class:`~structsam.errors.PromptWarning` beyond that. Returns (coords float64 (N, 2),
+    labels int64 (N,)), or raises PromptError on a wrong shape, a length mismatch, missing
+    labels or labels other than 0/1.
     """
     height, width = _check_size(original_size)
-    pts = _as_float_array(coords, "points", last=2)
+    pts = _as_float_array(coords, "point_coords", last=2)
     if pts.ndim == 1:
-        pts = pts[None]
+        pts = pts[None]  # one point (x, y)
     if pts.ndim != 2:
-        raise PromptError(f"points must have shape (N, 2), got {pts.shape}")
+        raise PromptError(f"point_coords must have shape (N, 2) as x, y, got {pts.shape}")
     if pts.shape[0] == 0:
-        raise PromptError("no points given")
+        raise PromptError("point_coords: no points given; need shape (N, 2) as x, y")
     if not np.isfinite(pts).all():
-        raise PromptError("point coordinates must be finite")
+        raise PromptError(f"point coordinates must be finite, got {pts.tolist()}")
 
+    if labels is None:
+        raise PromptError(
+            "point_labels is missing: give one label per point, 1 (foreground) or 0 (background)"
+        )
     if isinstance(labels, torch.Tensor):
         labels = labels.detach().cpu().numpy()
     lab = np.atleast_1d(np.asarray(labels))
     if lab.ndim != 1:
-        raise PromptError(f"labels must have shape (N,), got {lab.shape}")
+        raise PromptError(f"point_labels must have shape (N,), got {lab.shape}")
     if lab.shape[0] != pts.shape[0]:
-        raise PromptError(f"{pts.shape[0]} points but {lab.shape[0]} labels")
-    if lab.dtype.kind not in "biuf" or not np.isin(lab, (0, 1)).all():
-        raise PromptError(f"labels must be 1 (foreground) or 0 (background), got {lab.tolist()}")
-
-    off = _outside(pts[:, 0], width) | _outside(pts[:, 1], height)
-    if off.any():
         raise PromptError(
-            f"point {pts[off][0].tolist()} lies outside the {width}x{height} (W x H) image"
+            f"{pts.shape[0]} points but {lab.shape[0]} labels: point_labels needs one label "
+            "per point"
         )
+    if lab.dtype.kind not in "biuf" or not np.isin(lab, (0, 1)).all():
+        raise PromptError(
+            f"point_labels must be 1 (foreground) or 0 (background), got {lab.tolist()}"
+        )
+
     clipped = np.stack([np.clip(pts[:, 0], 0, width), np.clip(pts[:, 1], 0, height)], axis=1)
+    moved = np.abs(clipped - pts).max(axis=1) > PROMPT_TOLERANCE
+    if moved.any():
+        i = int(np.flatnonzero(moved)[0])
+        more = f" (and {int(moved.sum()) - 1} more)" if moved.sum() > 1 else ""
+        warnings.warn(
+            f"point {_fmt(pts[i])} is outside the {width}x{height} (W x H) image; moved onto "
+            f"its edge at {_fmt(clipped[i])}{more}",
+            PromptWarning,
+            stacklevel=2,
+        )
     return clipped, lab.astype(np.int64)

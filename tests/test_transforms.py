@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from structsam.errors import ImageError, PromptError, StructSAMError
+from structsam.errors import ImageError, PromptError, PromptWarning, StructSAMError
 from structsam.models import MODELS
 from structsam.transforms import (
     SAM_PIXEL_MEAN,
@@ -242,31 +242,51 @@ def test_logits_to_image_shapes_and_crop():
 
 
 def test_validate_box_ok_and_clipped():
-    box = validate_box([10, 20, 30, 40], (100, 50))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # on the border or half a pixel over: no warning
+        box = validate_box([10, 20, 30, 40], (100, 50))
+        clipped = validate_box(np.array([-0.4, 0.0, 50.3, 100.5]), (100, 50))
+        whole = validate_box([0, 0, 50, 100], (100, 50))
     assert box.dtype == np.float64 and box.tolist() == [10, 20, 30, 40]
-    clipped = validate_box(np.array([-0.4, 0.0, 50.3, 100.5]), (100, 50))
     assert clipped.tolist() == [0, 0, 50, 100]
+    assert whole.tolist() == [0, 0, 50, 100]
     many = validate_box([[0, 0, 5, 5], [1, 1, 4, 9]], (10, 10))
     assert many.shape == (2, 4)
 
 
 @pytest.mark.parametrize(
-    "box",
+    ("box", "expected"),
     [
-        [10, 20, 5, 40],  # x0 > x1
-        [10, 20, 10, 40],  # empty
-        [0, 0, 52, 10],  # 2 px past the right edge
-        [-3, 0, 10, 10],
-        [0, 0, 10, 101],
-        [1, 2, 3],
-        [[[1, 2, 3, 4]]],
-        [np.nan, 0, 5, 5],
-        "box",
-        [],
+        ([0, 0, 52, 10], [0, 0, 50, 10]),  # 2 px past the right edge
+        ([-3, 0, 10, 10], [0, 0, 10, 10]),
+        ([0, 0, 10, 101], [0, 0, 10, 100]),
+        ([-40, -40, 400, 400], [0, 0, 50, 100]),  # dragged far past every edge
     ],
 )
-def test_validate_box_rejects(box):
-    with pytest.raises(PromptError):
+def test_overhanging_box_is_clipped_with_a_prompt_warning(box, expected):
+    with pytest.warns(PromptWarning, match=r"overhangs the 50x100 \(W x H\) image; clipped to"):
+        clipped = validate_box(box, (100, 50))
+    assert clipped.tolist() == expected
+    assert issubclass(PromptWarning, UserWarning)
+
+
+@pytest.mark.parametrize(
+    ("box", "match"),
+    [
+        ([10, 20, 5, 40], "inverted"),  # x0 > x1
+        ([10, 20, 10, 40], "empty"),
+        ([60, 0, 70, 10], "entirely outside the 50x100"),  # right of the image
+        ([0, -20, 10, 0], "entirely outside"),  # above it: zero height after clipping
+        ([[0, 0, 5, 5], [0, 100, 5, 120]], "entirely outside"),  # one of two boxes
+        ([1, 2, 3], "shape"),
+        ([[[1, 2, 3, 4]]], "shape"),
+        ([np.nan, 0, 5, 5], "finite"),
+        ("box", "numbers"),
+        ([], "shape"),
+    ],
+)
+def test_validate_box_rejects(box, match):
+    with pytest.raises(PromptError, match=match):
         validate_box(box, (100, 50))
 
 
@@ -278,15 +298,26 @@ def test_validate_points():
     assert one.shape == (1, 2) and lab.tolist() == [1]
 
 
+def test_points_outside_are_moved_onto_the_edge_with_a_prompt_warning():
+    with pytest.warns(PromptWarning, match=r"point \(60, 2\) is outside .* at \(50, 2\)"):
+        coords, _ = validate_points([[60, 2], [1, -1], [3, 4]], [1, 0, 1], (100, 50))
+    assert coords.tolist() == [[50, 2], [1, 0], [3, 4]]
+
+
 @pytest.mark.parametrize(
     ("coords", "labels", "match"),
     [
-        ([[1, 2]], [2], "labels"),
-        ([[1, 2]], [-1], "labels"),
+        ([[1, 2]], [2], "point_labels must be 1 .* or 0"),
+        ([[1, 2]], [-1], "point_labels"),
+        ([[1, 2]], [0.5], "point_labels"),
+        ([[1, 2]], ["a"], "point_labels"),
+        ([[1, 2]], [[1]], r"point_labels must have shape \(N,\)"),
+        ([[1, 2]], None, "point_labels is missing"),
         ([[1, 2], [3, 4]], [1], "2 points but 1 labels"),
+        ([30, 30], [1, 1], "1 points but 2 labels"),  # (2,) is one point, not two
         ([[1, 2, 3]], [1], "shape"),
-        ([[60, 2]], [1], "outside"),
-        ([[1, -1]], [1], "outside"),
+        ([30, 30, 30], [1], "shape"),
+        ([[[1, 2]]], [1], r"\(N, 2\)"),
         (np.zeros((0, 2)), [], "no points"),
         ([[np.inf, 2]], [1], "finite"),
     ],
