@@ -44,15 +44,17 @@ def _swap(module, forward, dense_attr=None):
     module.__class__ = _SUBCLASSES[key]
 
 
-def _rates(rate, blocks, n_blocks) -> dict[int, float]:
+def _rates(rate, blocks, n_blocks, info) -> dict[int, float]:
+    # every value is checked, so NaN or -1 cannot fall through as "no merging"
     if isinstance(rate, Mapping):
-        rates = {int(k): float(v) for k, v in rate.items()}
-    elif isinstance(rate, Sequence) and not isinstance(rate, str):
+        rates = {int(k): check_rate(v, info, f"rate[{k}]") for k, v in rate.items()}
+    elif isinstance(rate, Sequence) and not isinstance(rate, str | bytes):
         if len(rate) != n_blocks:
             raise MergeError(f"a per-block rate schedule needs {n_blocks} values, got {len(rate)}")
-        rates = {i: float(r) for i, r in enumerate(rate)}
+        rates = {i: check_rate(r, info, f"rate[{i}]") for i, r in enumerate(rate)}
     else:
-        rates = {i: float(rate) for i in range(n_blocks)}
+        value = check_rate(rate, info)
+        rates = {i: value for i in range(n_blocks)}
     if blocks is not None:
         blocks = {int(b) for b in blocks}
         bad = sorted(b for b in blocks if not 0 <= b < n_blocks)
@@ -81,8 +83,8 @@ def patch(
         return model
     info = get_method(method)
     block_list = list(family.iter_blocks(encoder))
-    rates = _rates(rate, blocks, len(block_list))
-    rates = {i: check_rate(r, info) for i, r in rates.items() if r > 0}
+    rates = _rates(rate, blocks, len(block_list), info)
+    rates = {i: r for i, r in rates.items() if r > 0}
     if prompts is not None and not info.prompt_aware:
         raise MergeError(f"method {method!r} is not prompt-aware")
     stages, stage_windows = {}, {}

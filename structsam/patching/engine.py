@@ -201,13 +201,23 @@ def _full_query_attention(kv, splits, plan, scale, bias_fn, pad_kv, q):
     return out.transpose(1, 2).reshape(w * sq, h, -1).index_select(0, plan.full_query_index())
 
 
-def check_rate(rate: float, method: MethodInfo) -> float:
-    rate = float(rate)
-    if not 0.0 <= rate < 1.0:
-        raise MergeError(f"merge rate must be in [0, 1), got {rate}")
-    if rate > method.max_rate:
-        raise MergeError(
-            f"method {method.name!r} removes at most {method.max_rate:.0%} of a block's tokens; "
-            f"rate {rate} is out of reach"
-        )
-    return rate
+def check_rate(rate, method: MethodInfo, name: str = "rate") -> float:
+    """``rate`` as a float, or MergeError unless it is a finite number in [0, max_rate].
+
+    ``name`` is how the caller's user spells the argument (``--rate`` on the command line).
+    """
+    accepted = (
+        f"{name} must be in [0, {method.max_rate:g}], a finite number (0: no merging; method "
+        f"{method.name!r} removes at most {method.max_rate:.0%} of a block's tokens)"
+    )
+    # bool is an int, and float("0.3") would let a string through
+    if isinstance(rate, bool | str | bytes):
+        raise MergeError(f"{accepted}, got {rate!r}")
+    try:
+        value = float(rate)
+    except (TypeError, ValueError):
+        raise MergeError(f"{accepted}, got {rate!r}") from None
+    # NaN fails every comparison, so test for the accepted range, not the rejected one
+    if not (np.isfinite(value) and 0.0 <= value <= method.max_rate):
+        raise MergeError(f"{accepted}, got {value:g}")
+    return value
