@@ -37,13 +37,16 @@ def model_prompts(prompts: dict | None, geometry: Geometry) -> dict | None:
     if prompts.get("box") is not None:
         out["box"] = geometry.boxes_to_model(validate_box(prompts["box"], geometry.original_size))
     if prompts.get("point_coords") is not None:
-        coords, _ = validate_points(
-            prompts["point_coords"], prompts.get("point_labels"), geometry.original_size
-        )
+        labels = prompts.get("point_labels")
+        if labels is None:  # protection ignores the labels: any placeholder will do
+            labels = np.ones(len(np.atleast_2d(np.asarray(prompts["point_coords"], object))))
+        coords, _ = validate_points(prompts["point_coords"], labels, geometry.original_size)
         out["point_coords"] = geometry.points_to_model(coords)
     return out or None
 
 
+# Models fine-tuned on box prompts only: points alone often give nothing.
+BOX_TRAINED = ("litemedsam", "medsam")
 # Beyond this many times the encoder's input side, downsampling loses most of the detail.
 LARGE_IMAGE_FACTOR = 4
 # Above this many pixels the float64 working copy in prepare_image would take gigabytes.
@@ -68,6 +71,46 @@ def _check_size(image, spec) -> None:
             "lost: crop the region of interest for finer masks",
             stacklevel=3,
         )
+
+
+# A value range below this fraction of the values' magnitude is flat up to noise (min-max
+# scaling would stretch that noise to full contrast).
+CONSTANT_RELATIVE_RANGE = 1e-4
+
+
+def _flatness(image, window) -> str | None:
+    """Why the mask of ``image`` (after ``window``) would be meaningless, or None."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    arr = np.asarray(image)
+    if arr.dtype.kind not in "biuf" or arr.size == 0:
+        return None  # prepare_image names the problem
+    if arr.dtype.kind == "b":
+        arr = arr.view(np.uint8)
+    rgb = arr.ndim == 3 and arr.shape[-1] in (3, 4)
+    channels = [arr[..., c] for c in range(3)] if rgb else [arr]
+    where = ""
+    if window is not None:
+        w_low, w_high = (float(v) for v in window)
+        where = f" inside the window ({w_low:g}, {w_high:g})"
+    reasons = []
+    for ch in channels:
+        values = ch[np.isfinite(ch)] if ch.dtype.kind == "f" else ch
+        if values.size == 0:
+            return None
+        low, high = float(values.min()), float(values.max())
+        value = low
+        if window is not None:
+            value = min(max(low, w_low), w_high)  # what a constant channel is clipped to
+            low, high = max(low, w_low), min(high, w_high)
+        if high <= low:
+            reasons.append(f"the image is constant{where} (all values {value:g})")
+            continue
+        if high - low <= CONSTANT_RELATIVE_RANGE * max(abs(low), abs(high)):
+            reasons.append(f"the image is nearly constant{where} (values {low:g} to {high:g})")
+            continue
+        return None  # one channel with content is enough
+    return reasons[0]
 
 
 class Predictor:
@@ -107,6 +150,13 @@ class Predictor:
             window = resolve_window(window, image)
         _check_size(image, self.spec)
         tensor, geometry = prepare_image(image, self.spec, window=window, device=self.device)
+        flat = _flatness(image, window)
+        if flat:
+            warnings.warn(
+                f"{flat}: the encoder sees no structure, so any mask is meaningless; check the "
+                "slice and the window",
+                stacklevel=2,
+            )
         state = merge_state(self.model)
         # per-call prompts replace the patch's own for this encode (even when they are empty)
         override = state is not None and bool(prompts)
@@ -173,22 +223,37 @@ class Predictor:
         return self.geometry.grid_to_image(np.asarray(grid_map), order=order)
 
     def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=False):
-        """-> (masks (C, H, W) bool, scores (C,), low_res_logits (C, 256, 256))."""
+        """-> (masks (C, H, W) bool, scores (C,), low_res_logits (C, 256, 256)).
+
+        ``box`` (4,) is one box; ``box`` (K, 4) gives K masks, batched: (K, C, H, W), (K, C)
+        and (K, C, 256, 256). Points go with at most one box. Prompts beyond the image are
+        clipped to it with a :class:`~structsam.errors.PromptWarning`; an empty mask warns.
+        """
         if self.features is None:
             raise StructSAMError("call set_image before predict")
         g = self.geometry
         points = boxes = None
+        batched = False
         if point_coords is not None:
             coords, labels = validate_points(point_coords, point_labels, g.original_size)
             coords = torch.as_tensor(g.points_to_model(coords), dtype=torch.float32)
             labels = torch.as_tensor(labels, dtype=torch.int64)
             points = (coords[None].to(self.device), labels[None].to(self.device))
+        elif point_labels is not None:
+            raise PromptError("point_labels given without point_coords")
         if box is not None:
-            b = g.boxes_to_model(validate_box(box, g.original_size)).reshape(1, 4)
+            checked = validate_box(box, g.original_size)
+            batched = checked.ndim == 2
+            b = g.boxes_to_model(checked).reshape(-1, 4)
+            if points is not None and len(b) > 1:
+                raise PromptError(
+                    f"points go with one box, got {len(b)} boxes: call predict once per box"
+                )
             boxes = torch.as_tensor(b, dtype=torch.float32, device=self.device)
         if points is None and boxes is None:
-            raise PromptError("give a box or at least one point")
+            raise PromptError("give a prompt: box=(x0, y0, x1, y1) or point_coords with labels")
         with torch.inference_mode():
+            # the decoder repeats the embedding once per box
             sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=None)
             low_res, scores = self.model.mask_decoder(
                 image_embeddings=self.features,
@@ -198,5 +263,18 @@ class Predictor:
                 multimask_output=multimask_output,
             )
             logits = g.logits_to_image(low_res)
-        masks = (logits > 0.0)[0].cpu().numpy()
-        return masks, scores[0].cpu().numpy(), low_res[0].cpu().numpy()
+        masks = (logits > 0.0).cpu().numpy()
+        scores, low_res = scores.cpu().numpy(), low_res.cpu().numpy()
+        empty = ~masks.any(axis=(1, 2, 3))
+        if empty.any():
+            n = len(masks)
+            which = "the mask is" if n == 1 else f"{int(empty.sum())} of {n} masks are"
+            hint = ""
+            if box is None and self.spec.name in BOX_TRAINED:
+                hint = (
+                    f"; {self.spec.name} was trained on boxes, points alone often fail: add a box"
+                )
+            warnings.warn(f"{which} empty{hint}", stacklevel=2)
+        if batched:
+            return masks, scores, low_res
+        return masks[0], scores[0], low_res[0]

@@ -78,3 +78,70 @@ def test_encoder_flops_and_calibration(litemedsam):
     with pytest.raises(MergeError, match="smallest rate .* already cuts"):
         structsam.calibrate(litemedsam, "algm", 0.05, images=[image])
     structsam.unpatch(litemedsam)
+
+
+def test_several_boxes_give_one_mask_each(litemedsam, case):
+    structsam.unpatch(litemedsam)
+    p = structsam.Predictor(litemedsam)
+    p.set_image(case.image)
+    single = p.predict(box=case.box)[0][0]
+    other = np.array([10.0, 10.0, 60.0, 60.0])
+    masks, scores, logits = p.predict(box=np.stack([case.box, other]))
+    h, w = case.image.shape
+    assert masks.shape == (2, 1, h, w) and scores.shape == (2, 1)
+    assert logits.shape == (2, 1, 256, 256)
+    assert iou(masks[0, 0], single) > 0.99  # batching does not change the answer
+    with pytest.raises(PromptError, match="points go with one box, got 2 boxes"):
+        p.predict(point_coords=[[100, 100]], point_labels=[1], box=np.stack([case.box, other]))
+
+
+def test_overhanging_box_is_clipped_in_predict_and_prompt_aware_encode(litemedsam, case):
+    h, w = case.image.shape
+    inside = np.array([0.0, 0.0, 120.0, 120.0])
+    overhang = np.array([-30.0, -30.0, 120.0, 120.0])  # dragged past the top-left corner
+    structsam.patch(litemedsam, "structsam", 0.3)
+    try:
+        p = structsam.Predictor(litemedsam)
+        with pytest.warns(structsam.PromptWarning, match="clipped to"):
+            p.set_image(case.image, prompts={"box": overhang})
+        protected = p.merge_info[-1].protected.copy()
+        with pytest.warns(structsam.PromptWarning, match=r"clipped to \(0, 0, 120, 120\)"):
+            clipped = p.predict(box=overhang)[0][0]
+        assert np.array_equal(clipped, p.predict(box=inside)[0][0])
+        p.set_image(case.image, prompts={"box": inside})
+        assert np.array_equal(p.merge_info[-1].protected, protected)
+        with pytest.raises(PromptError, match="entirely outside"):
+            p.predict(box=[w + 5, 0, w + 50, 40])
+    finally:
+        structsam.unpatch(litemedsam)
+
+
+def test_points_need_matching_labels_and_an_empty_mask_warns(litemedsam, case):
+    structsam.unpatch(litemedsam)
+    p = structsam.Predictor(litemedsam)
+    p.set_image(case.image)
+    with pytest.raises(PromptError, match="point_labels is missing"):
+        p.predict(point_coords=[[30, 30]])
+    with pytest.raises(PromptError, match="1 points but 2 labels"):
+        p.predict(point_coords=[30, 30], point_labels=[1, 1])
+    with pytest.raises(PromptError, match="point_labels must be 1"):
+        p.predict(point_coords=[[30, 30]], point_labels=[2])
+    # one (x, y) point is taken as (1, 2); LiteMedSAM gives nothing for this click, and says so
+    cx, cy = (case.box[:2] + case.box[2:]) / 2
+    with pytest.warns(UserWarning, match="mask is empty; litemedsam was trained on boxes"):
+        masks, _, _ = p.predict(point_coords=[cx, cy], point_labels=1)
+    assert masks.shape == (1, *case.image.shape)
+
+
+def test_constant_image_warns_at_set_image(litemedsam):
+    structsam.unpatch(litemedsam)
+    p = structsam.Predictor(litemedsam)
+    with pytest.warns(UserWarning, match=r"the image is constant \(all values 0\)"):
+        p.set_image(np.zeros((64, 64), np.float32))
+    noisy = 1000 + np.random.default_rng(0).normal(0, 1e-3, (64, 64))
+    with pytest.warns(UserWarning, match="nearly constant"):
+        p.set_image(noisy)
+    ct = np.full((64, 64), -1000.0)
+    ct[20:40, 20:40] = -900  # lung only: nothing inside a soft-tissue window
+    with pytest.warns(UserWarning, match=r"constant inside the window \(-160, 240\)"):
+        p.set_image(ct, window=(-160, 240))
