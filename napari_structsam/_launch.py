@@ -4,22 +4,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-NIFTI_OR_DICOM = (".nii", ".nii.gz", ".dcm")
 
+def open_file(viewer, path) -> list:
+    """Open ``path`` in ``viewer`` as File > Open does and return the new layers.
 
-def _read(path: Path):
-    """-> (data, layer kwargs) for NIfTI/DICOM through structsam.io (with voxel spacing), or
-    None to let napari's own readers open the file."""
-    name = path.name.lower()
-    if not (path.is_dir() or name.endswith(NIFTI_OR_DICOM)):
-        return None
-    from structsam import io
+    NIfTI files and DICOM folders go through the plugin's reader contribution, so the image
+    has its full scanner placement and the source geometry the labels writer needs; a folder
+    the reader does not recognise is still read as a DICOM series (its errors name the folder).
+    Anything else goes to napari's own readers."""
+    from ._io import get_reader, read_volume_layer
 
-    if hasattr(io, "read_volume"):
-        volume, spacing, _ = io.read_volume(path)
-        return volume, {"name": path.name, "scale": spacing}
-    image, _ = io.read_image(path)
-    return image, {"name": path.name}
+    file = Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    reader = get_reader(str(file)) or (read_volume_layer if file.is_dir() else None)
+    if reader is None:
+        return list(viewer.open(str(file)))
+    layers = []
+    for data, kwargs, kind in reader(str(file)):
+        extra = {"colormap": "gray"} if kind == "image" else {}
+        layers.append(getattr(viewer, f"add_{kind}")(data, **{**extra, **kwargs}))
+    return layers
 
 
 def annotate(path: str | None = None, viewer=None, block: bool = True):
@@ -37,15 +42,7 @@ def annotate(path: str | None = None, viewer=None, block: bool = True):
         for data, meta, _ in mni152_volume_sample():
             viewer.add_image(data, **meta)
     else:
-        file = Path(path)
-        if not file.exists():
-            raise FileNotFoundError(f"{path}: no such file or folder")
-        read = _read(file)
-        if read is None:
-            viewer.open(str(file))
-        else:
-            data, meta = read
-            viewer.add_image(data, colormap="gray", **meta)
+        open_file(viewer, path)
     if viewer.dims.ndim == 3:  # start in the middle of the volume
         viewer.dims.set_current_step(0, viewer.dims.nsteps[0] // 2)
     widget = StructSAMWidget(viewer)

@@ -1,12 +1,20 @@
 """The plugin's napari layers: created once, found again by name, aligned with the image.
 
-Every layer copies the image layer's ``scale`` and ``translate`` so that prompts, masks and
-overlays sit on the right voxels of anisotropic CT/MR volumes. Only GUI-thread code calls this.
+Every layer takes the image layer's placement (scale, translate, rotation, shear, affine) so
+that prompts, masks and overlays sit on the right voxels of anisotropic CT/MR volumes, and the
+labels layers take its ``structsam_*`` metadata, the source geometry the writer saves with.
+On an oblique scan napari draws each slice without its out-of-plane tilt, and maps clicks and
+brush strokes through the full (tilted) transform, so they would land in other slices than
+the one shown; the plugin's layers there get the placement napari draws the image with
+(:func:`in_slice_matrix`), so clicks and strokes land on the voxels shown. Only GUI-thread code
+calls this.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from ._io import world_matrix
 
 POINTS = "structsam points"
 BOXES = "structsam boxes"
@@ -22,9 +30,49 @@ MASK_COLOR = "#ffd400"
 PROTECTED_COLOR = "#00b4ff"
 
 
+def in_slice_matrix(image) -> np.ndarray:
+    """The image layer's data-to-world matrix as napari shows it in the (Y, X) view: the
+    in-plane block as drawn, the slice axes as napari picks slices (from the inverse), and no
+    coupling between them. Equal to the full matrix unless the image is oblique."""
+    m = world_matrix(image)
+    n = m.shape[0] - 1
+    k = n - 2  # leading, not displayed axes
+    if k <= 0:
+        return m
+    inv = np.linalg.inv(m)
+    a = np.linalg.inv(inv[:k, :k])
+    p = np.eye(n + 1)
+    p[k:n, k:n], p[k:n, n] = m[k:n, k:n], m[k:n, n]
+    p[:k, :k], p[:k, n] = a, -a @ inv[:k, n]
+    return p
+
+
+def displayed_position(image, world_point) -> np.ndarray:
+    """Data coordinates of ``world_point`` (e.g. ``viewer.dims.point``) in ``image`` as napari
+    draws it: for an oblique scan, unlike ``image.world_to_data``, the slice index is the one
+    shown."""
+    n = image.ndim
+    point = np.asarray(world_point, dtype=float)[-n:]
+    return (np.linalg.inv(in_slice_matrix(image)) @ np.append(point, 1.0))[:n]
+
+
 def _aligned(layer, image) -> None:
-    layer.scale = tuple(image.scale[-layer.ndim :])
-    layer.translate = tuple(image.translate[-layer.ndim :])
+    if layer.ndim != image.ndim:
+        layer.scale = tuple(image.scale[-layer.ndim :])
+        layer.translate = tuple(image.translate[-layer.ndim :])
+        return
+    drawn = in_slice_matrix(image)
+    if np.allclose(drawn, world_matrix(image), rtol=0, atol=1e-9):
+        layer.scale, layer.translate = image.scale, image.translate
+        layer.rotate, layer.shear = image.rotate, image.shear
+        layer.affine = image.affine
+        return
+    from napari.utils.transforms import Affine
+
+    placed = Affine(affine_matrix=drawn)
+    layer.affine = np.eye(layer.ndim + 1)
+    layer.scale, layer.translate = placed.scale, placed.translate
+    layer.rotate, layer.shear = placed.rotate, placed.shear
 
 
 def _single_colour(color: str):
@@ -46,10 +94,16 @@ def _labels(viewer, name, shape, dtype, image, **kwargs):
     if layer is None:
         layer = viewer.add_labels(np.zeros(shape, dtype), name=name, **kwargs)
     _aligned(layer, image)
-    # the source file's geometry, so File > Save writes labels that overlay the scan (NIfTI)
-    source = {k: v for k, v in image.metadata.items() if k.startswith("structsam_")}
-    layer.metadata.update(source)
+    copy_source_geometry(layer, image)
     return layer
+
+
+def copy_source_geometry(labels, image) -> None:
+    """Give ``labels`` the ``structsam_*`` metadata of ``image`` (the source's geometry), so
+    File > Save writes them where they overlay the scan; stale keys of an earlier image go."""
+    for key in [k for k in labels.metadata if k.startswith("structsam_")]:
+        del labels.metadata[key]
+    labels.metadata.update({k: v for k, v in image.metadata.items() if k.startswith("structsam_")})
 
 
 def ensure_layers(viewer, image, shape: tuple[int, ...]) -> dict:

@@ -22,6 +22,16 @@ Array conventions
   voxel indices in nibabel order: ``world = affine @ [x, y, z, 1]`` with ``x = index along axis
   2`` of the returned array.  No display flips are applied, so an axial slice shows anterior at
   the bottom when drawn with row 0 at the top.
+
+napari world coordinates
+------------------------
+:func:`read_layer_data` places the ``(Z, Y, X)`` volume so that napari's world coordinates are
+the scanner's RAS+ millimetres in reversed order: world ``(w0, w1, w2) = (S, A, R)``, i.e. the
+world point of voxel ``(z, y, x)`` is ``(affine @ [x, y, z, 1])[2::-1]``.  The placement is
+given as the layer's ``scale``, ``translate``, ``rotate`` and ``shear`` (see
+:func:`layer_placement`), so an oblique scan keeps its rotation and origin, and the voxel
+spacing stays readable as ``layer.scale``.  napari draws a 2D slice of an oblique layer without
+its out-of-plane tilt (and says so in a warning); world coordinates and saving are exact.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ __all__ = [
     "READ_FORMATS",
     "WRITE_FORMATS",
     "file_format",
+    "layer_placement",
     "read_image",
     "read_dicom_series",
     "read_labels",
@@ -655,21 +666,92 @@ def read_labels(path: PathLike) -> tuple[np.ndarray, tuple[float, float, float],
     return _wrap_errors(p, load)
 
 
+# napari world axes (w0, w1, w2) = (S, A, R): the RAS+ axes reversed, like (Z, Y, X) voxels
+_REVERSE_XYZ = np.eye(4)[[2, 1, 0, 3]]
+
+
+def _world_zyx(affine: np.ndarray) -> np.ndarray:
+    """The 4x4 map from ``(z, y, x)`` voxel indices to napari world ``(S, A, R)`` mm."""
+    return _REVERSE_XYZ @ np.asarray(affine, dtype=np.float64) @ _REVERSE_XYZ
+
+
+def layer_placement(affine: np.ndarray) -> dict[str, Any]:
+    """napari ``scale``, ``translate``, ``rotate`` and ``shear`` that place a ``(Z, Y, X)``
+    volume with canonical ``affine`` (as :func:`read_volume` returns it) in scanner space.
+
+    napari composes ``translate + rotate @ shear @ diag(scale)``; the linear part of the
+    affine is split by a QR decomposition (rotation times upper triangle), so ``scale`` is the
+    voxel spacing, ``rotate`` a proper rotation (a mirrored grid gets a negative last scale)
+    and ``shear`` zero unless the scanner grid itself is skewed.
+    """
+    m = _world_zyx(affine)
+    q, r = np.linalg.qr(m[:3, :3])
+    signs = np.where(np.diag(r) < 0, -1.0, 1.0)
+    q, r = q * signs, signs[:, None] * r
+    if np.linalg.det(q) < 0:  # napari wants a rotation; the mirror goes into the scale
+        q[:, 2] *= -1
+        r[2] *= -1
+    scale = np.diag(r).copy()
+    shear = r / scale[None, :]
+    return {
+        "scale": tuple(float(v) for v in scale),
+        "translate": tuple(float(v) for v in m[:3, 3]),
+        "rotate": q,
+        "shear": shear[np.triu_indices(3, 1)],
+    }
+
+
+def _nifti_header(path: Path) -> tuple[int, bytes]:
+    """(number of volumes, raw header) of a NIfTI file, reading the header only."""
+    import nibabel as nib
+
+    img = nib.load(path)
+    extra = _extra_volumes(tuple(int(s) for s in img.shape))
+    return (int(np.prod(extra)) if extra else 1), bytes(img.header.binaryblock)
+
+
 def read_layer_data(path: PathLike, volume_index: int | None = None) -> list[tuple]:
     """napari layer data ``[(volume_zyx, kwargs, "image")]`` for a NIfTI file, a DICOM folder
-    or a ``.npy`` volume: ``scale`` is the voxel spacing (Z, Y, X) and ``metadata`` keeps what
-    :func:`write_labels_layer` needs to save labels back in the source's geometry."""
+    or a ``.npy`` volume.
+
+    The placement (:func:`layer_placement`) makes napari's world coordinates the scanner's
+    (S, A, R) millimetres (see the module docstring); ``scale`` is the voxel spacing.
+    ``metadata`` holds the source geometry that :func:`write_labels_layer` saves labels with:
+    ``structsam_source`` (absolute path, ``None`` for ``.npy``), ``structsam_affine``
+    (canonical), ``structsam_shape`` (Z, Y, X), ``structsam_volume_index`` and, for NIfTI,
+    ``structsam_header`` (the raw header bytes, so a moved or deleted source still saves).
+
+    A 4D/5D NIfTI read without ``volume_index`` gives its first volume and a warning that
+    says how many there are and how to open another.
+    """
     p = Path(path)
-    vol, spacing, affine = read_volume(p, volume_index=volume_index)
     name = p.name[: -len(file_format(p))] if file_format(p) else p.name
-    source = str(p) if p.is_dir() or file_format(p) in _NIFTI else None
+    nifti = not p.is_dir() and file_format(p) in _NIFTI
+    header = None
+    if nifti and p.is_file():
+        n_volumes, header = _wrap_errors(p, lambda: _nifti_header(p))
+        if n_volumes > 1:
+            if volume_index is None:
+                volume_index = 0
+                warnings.warn(
+                    f"{p} holds {n_volumes} volumes; napari shows volume 0. To open volume k "
+                    f"(0..{n_volumes - 1}), in napari's console: data, kw, _ = "
+                    f"structsam.io.read_layer_data({str(p)!r}, volume_index=k)[0]; "
+                    "viewer.add_image(data, **kw)",
+                    stacklevel=2,
+                )
+            name = f"{name} (volume {volume_index} of {n_volumes})"
+    vol, _, affine = read_volume(p, volume_index=volume_index)
+    source = os.path.abspath(p) if p.is_dir() or nifti else None
     kwargs = {
         "name": name,
-        "scale": spacing,
+        **layer_placement(affine),
         "metadata": {
             "structsam_source": source,
             "structsam_affine": affine,
+            "structsam_shape": tuple(int(s) for s in vol.shape),
             "structsam_volume_index": volume_index,
+            "structsam_header": header,
         },
     }
     return [(vol, kwargs, "image")]
@@ -692,30 +774,32 @@ def read_image(
     ``volume_shape``.
 
     Raises :class:`~structsam.errors.ImageError` for an unknown extension, a missing, truncated
-    or corrupt file, a 3D source without ``slice_index``, or a 4D NIfTI.
+    or corrupt file, a 3D source without ``slice_index``, or a 4D NIfTI.  NaN/infinite
+    values of a float image are set to the smallest finite value with a warning that counts
+    them (for NIfTI over the whole volume, as :func:`read_volume`).
     """
     p = Path(path)
     ext = _check_read_format(p)
     meta: dict[str, Any] = {"path": str(p), "format": ext[1:], "spacing": None, "axis": axis}
 
+    def nifti_slice(vol, spacing, affine) -> tuple[np.ndarray, dict[str, Any]]:
+        if vol.shape[0] == 1 and slice_index is None:
+            arr, index, ax = vol[0], 0, 0
+        else:
+            arr, index = _take_slice(vol, slice_index, axis, p, "3D NIfTI volume")
+            ax = axis
+        pixel = tuple(s for i, s in enumerate(spacing) if i != ax)
+        extra = {
+            "slice_index": index,
+            "axis": ax,
+            "spacing": pixel,
+            "spacing_zyx": spacing,
+            "affine": affine,
+            "volume_shape": vol.shape,
+        }
+        return arr, extra
+
     def load() -> tuple[np.ndarray, dict[str, Any]]:
-        if ext in _NIFTI:
-            vol, spacing, affine = _nifti_zyx(p)
-            if vol.shape[0] == 1 and slice_index is None:
-                arr, index, ax = vol[0], 0, 0
-            else:
-                arr, index = _take_slice(vol, slice_index, axis, p, "3D NIfTI volume")
-                ax = axis
-            pixel = tuple(s for i, s in enumerate(spacing) if i != ax)
-            extra = {
-                "slice_index": index,
-                "axis": ax,
-                "spacing": pixel,
-                "spacing_zyx": spacing,
-                "affine": affine,
-                "volume_shape": vol.shape,
-            }
-            return arr, extra
         if ext in _PIL:
             return _read_pil(p)
         if ext in _TIFF:
@@ -724,7 +808,15 @@ def read_image(
             return _read_npy(p, slice_index, axis)
         return _read_dicom(p, slice_index, axis)
 
-    arr, extra = _wrap_errors(p, load)
+    # NaN/inf are cleaned outside _wrap_errors (a warning turned error must not read as a
+    # corrupt file) and, for NIfTI, over the whole volume, exactly as read_volume does
+    if ext in _NIFTI:
+        vol, spacing, affine = _wrap_errors(p, lambda: _nifti_zyx(p))
+        vol = _replace_nonfinite(vol, p, "replace")
+        arr, extra = nifti_slice(vol, spacing, affine)
+    else:
+        arr, extra = _wrap_errors(p, load)
+        arr = _replace_nonfinite(np.asarray(arr), p, "replace")
     meta.update(extra)
     meta.setdefault("slice_index", None)
     arr = np.ascontiguousarray(arr)
@@ -959,7 +1051,8 @@ def _label_array(labels: Any) -> np.ndarray:
 
 def _labels_like_nifti(labels: np.ndarray, ref: Any) -> Any:
     """A NIfTI image of canonical ``(Z, Y, X)`` labels in ``ref``'s own voxel order, with its
-    header (so its affine, units and codes) unchanged apart from the data type and scaling."""
+    header (so its affine, units and codes) unchanged apart from the data type and scaling.
+    ``ref`` is a nibabel image or anything with its ``shape``, ``affine`` and ``header``."""
     import nibabel as nib
     from nibabel import orientations as ornt_mod
 
@@ -969,23 +1062,29 @@ def _labels_like_nifti(labels: np.ndarray, ref: Any) -> Any:
     canon_xyz = tuple(int(native_shape[int(a)]) for a in np.argsort(orientation[:, 0]))
     if labels.ndim == 2:
         labels = labels[None]
-    if labels.shape != canon_xyz[::-1]:
-        raise ImageError(
-            f"labels shape {labels.shape} does not match the reference volume "
-            f"{canon_xyz[::-1]} (Z, Y, X, as read_volume returns it)"
-        )
+    _check_shape(labels, canon_xyz[::-1], "the reference volume")
     ras = ornt_mod.axcodes2ornt(("R", "A", "S"))
     back = ornt_mod.ornt_transform(ras, orientation)
     data = np.ascontiguousarray(ornt_mod.apply_orientation(labels.transpose(2, 1, 0), back))
     header = ref.header.copy()
     # affine None: the copied header's qform and sform are written exactly as they were
-    cls = nib.Nifti2Image if isinstance(ref, nib.Nifti2Image) else nib.Nifti1Image
+    cls = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
     img = cls(data.reshape(native_shape), None, header=header)
     img.set_data_dtype(data.dtype)
     img.header.set_slope_inter(1.0, 0.0)
     img.header["cal_min"] = float(data.min())
     img.header["cal_max"] = float(data.max())
     return img
+
+
+def _check_shape(labels: np.ndarray, expected: Any, what: str) -> None:
+    got = tuple(labels.shape) if labels.ndim == 3 else (1, *labels.shape)
+    expected = tuple(int(s) for s in expected)
+    if got != expected:
+        raise ImageError(
+            f"labels shape {tuple(labels.shape)} does not match {what} {expected} (Z, Y, X, "
+            "as read_volume returns it); nothing was written"
+        )
 
 
 def _labels_with_affine(labels: np.ndarray, affine: np.ndarray) -> Any:
@@ -1004,7 +1103,72 @@ def _labels_with_affine(labels: np.ndarray, affine: np.ndarray) -> Any:
     return img
 
 
-def write_labels(path: PathLike, labels: np.ndarray, reference: Any = None) -> Path:
+def _header_reference(block: bytes) -> Any:
+    """A stand-in for the source image (shape, affine, header) from its raw NIfTI header."""
+    import io as _bytes_io
+    from types import SimpleNamespace
+
+    import nibabel as nib
+
+    klass = nib.Nifti2Header if len(block) == 540 else nib.Nifti1Header
+    header = klass.from_fileobj(_bytes_io.BytesIO(bytes(block)))
+    return SimpleNamespace(
+        shape=header.get_data_shape(), affine=header.get_best_affine(), header=header
+    )
+
+
+def _refuse_source(target: Path, source: Any) -> None:
+    """Labels must never replace the scan they were drawn on."""
+    if source is None:
+        return
+    src = Path(source)
+    try:
+        same = os.path.samefile(target, src)  # hard and symbolic links too
+    except OSError:  # one of them does not exist
+        same = target.resolve() == src.resolve()
+    if same:
+        name = target.name[: -len(file_format(target))]
+        raise ImageError(
+            f"{target} is the source scan ({src}); saving labels there would overwrite it. "
+            f"Choose another name, e.g. {name}_labels.nii.gz; nothing was written"
+        )
+
+
+def _labels_from_geometry(target: Path, labels: np.ndarray, geometry: Any) -> Any:
+    """The NIfTI image of ``labels`` in the geometry held in a layer's ``metadata``
+    (:func:`read_layer_data`): the raw header if there is one (the source file may have moved),
+    else the source NIfTI file, else the canonical affine (DICOM series)."""
+    source = geometry.get("structsam_source")
+    affine = geometry.get("structsam_affine")
+    shape = geometry.get("structsam_shape")
+    block = geometry.get("structsam_header")
+    if affine is None and source is None:
+        raise ImageError("the reference metadata holds no structsam_affine or structsam_source")
+    _refuse_source(target, source)
+    if shape is not None:
+        _check_shape(labels, shape, "the source volume")
+    if block:
+        return _labels_like_nifti(labels, _header_reference(block))
+    if source is not None and file_format(source) in _NIFTI and Path(source).is_file():
+        return _labels_like_nifti(labels, _load_reference(source))
+    if affine is None or shape is None:
+        # without the volume's shape the labels could be any size; re-read the source
+        return _labels_from_path(target, labels, source)
+    return _labels_with_affine(labels, affine)
+
+
+def _labels_from_path(target: Path, labels: np.ndarray, source: Any) -> Any:
+    _refuse_source(target, source)
+    if Path(source).is_dir():
+        vol, _, meta = read_dicom_series(source)
+        _check_shape(labels, vol.shape, f"the DICOM series {source}")
+        return _labels_with_affine(labels, meta["affine"])
+    return _labels_like_nifti(labels, _load_reference(source))
+
+
+def write_labels(
+    path: PathLike, labels: np.ndarray, reference: Any = None, *, shape: Any = None
+) -> Path:
     """Write an integer label volume ``(Z, Y, X)`` as NIfTI, atomically; returns the path.
 
     ``labels`` is laid out as :func:`read_volume` returns volumes (canonical RAS+, ``(Z, Y,
@@ -1014,40 +1178,65 @@ def write_labels(path: PathLike, labels: np.ndarray, reference: Any = None) -> P
       into its own voxel order and saved with a copy of its header, so the affine (qform and
       sform with their codes), units and every other header field are kept; only the data
       type, scaling (1, 0) and ``cal_min``/``cal_max`` change;
-    * a DICOM folder: saved with the series' canonical affine;
-    * a 4x4 affine (``read_volume``'s third value) or ``None`` (identity).
+    * a DICOM folder: saved with the series' canonical affine (qform and sform code 1, mm);
+    * a napari layer's ``metadata`` from :func:`read_layer_data` (a mapping with
+      ``structsam_*`` keys): as the source NIfTI (from the header held there, so the file may
+      have moved) or DICOM series;
+    * a 4x4 affine (``read_volume``'s third value) with ``shape``, the ``(Z, Y, X)`` shape of
+      the volume it belongs to; or ``None`` (identity; ``shape`` checked if given).
 
-    The label values and their integer dtype come back unchanged from :func:`read_labels`
-    (bool is stored as uint8, int64 narrowed to the smallest NIfTI-1 type that holds the
-    values).  Raises :class:`~structsam.errors.ImageError` for non-integer labels, a wrong
-    shape or a non-NIfTI path; the temporary file is removed on any failure.
+    The labels' shape is checked against every kind of reference, and the path of a source
+    scan is refused, so labels never overwrite the scan.  The label values and their integer
+    dtype come back unchanged from :func:`read_labels` (bool is stored as uint8, int64
+    narrowed to the smallest NIfTI-1 type that holds the values).  Raises
+    :class:`~structsam.errors.ImageError` for non-integer labels, a wrong shape, the source's
+    own path or a non-NIfTI path; the temporary file is removed on any failure.
     """
+    from collections.abc import Mapping
+
     import nibabel as nib
 
     p = Path(path)
     if file_format(p) not in _NIFTI:
         raise ImageError(f"{p}: labels are written as NIfTI; use a .nii.gz or .nii name")
     arr = _label_array(labels)
+    if shape is not None:
+        _check_shape(arr, shape, "the given shape")
     if reference is None:
         img = _labels_with_affine(arr, np.eye(4))
     elif isinstance(reference, np.ndarray):
+        if shape is None:
+            raise ImageError(
+                "an affine alone does not say which volume it belongs to: pass shape=(Z, Y, X) "
+                "of that volume, or the source file or DICOM folder as the reference"
+            )
         img = _labels_with_affine(arr, reference)
-    elif not isinstance(reference, nib.Nifti1Image | nib.Nifti2Image) and Path(reference).is_dir():
-        _, _, meta = read_dicom_series(reference)
-        img = _labels_with_affine(arr, meta["affine"])
+    elif isinstance(reference, Mapping):
+        img = _labels_from_geometry(p, arr, reference)
+    elif isinstance(reference, nib.Nifti1Image | nib.Nifti2Image):
+        _refuse_source(p, reference.get_filename())
+        img = _labels_like_nifti(arr, reference)
     else:
-        img = _labels_like_nifti(arr, _load_reference(reference))
+        img = _labels_from_path(p, arr, reference)
     _atomic_write(p, lambda tmp: nib.save(img, tmp))
     return p
 
 
 def write_labels_layer(path: PathLike, data: Any, meta: dict[str, Any]) -> list[str]:
-    """napari writer for a labels layer: :func:`write_labels` with the reference that
-    :func:`read_layer_data` left in the source image layer's ``metadata`` (copy it onto the
-    labels layer); without one, the layer's ``scale`` gives a diagonal affine."""
+    """napari writer for a labels layer: :func:`write_labels` with the source geometry that
+    :func:`read_layer_data` put in the image layer's ``metadata`` and that the labels layer
+    carries (``napari_structsam`` copies it onto the labels it makes or finds the image a
+    labels layer was drawn on).  Refuses labels without it: a geometry made up from the
+    layer's scale would put the labels in the wrong place, silently."""
     metadata = meta.get("metadata") or {}
-    reference = metadata.get("structsam_source") or metadata.get("structsam_affine")
-    if reference is None and meta.get("scale") is not None:
-        scale = np.asarray(meta["scale"], dtype=np.float64)[-3:]
-        reference = np.diag([*scale[::-1], 1.0])
-    return [str(write_labels(path, np.asarray(data), reference))]
+    geometry = {k: v for k, v in metadata.items() if k.startswith("structsam_")}
+    if geometry.get("structsam_affine") is None and geometry.get("structsam_source") is None:
+        name = meta.get("name") or "labels"
+        raise ImageError(
+            f"{path}: the labels layer {name!r} carries no source geometry (affine), so its "
+            "voxels cannot be placed in scanner space. Open the scan with the StructSAM "
+            "reader (File > Open, or structsam annotate FILE), draw the labels on it (select "
+            "the image, then New labels, or use the structsam objects layer) and save again; "
+            "nothing was written"
+        )
+    return [str(write_labels(path, np.asarray(data), geometry))]

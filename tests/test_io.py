@@ -369,8 +369,19 @@ def test_file_format():
 SLICE_MM, ROW_MM, COL_MM = 2.5, 0.7, 0.9
 
 
-def write_dicom_series(folder, volume_rc, *, slopes=None, series_uid="1.2.3.4", shuffle=True):
-    """Write ``volume_rc`` (slice, row, column) int16 stored values as axial CT slices."""
+def write_dicom_series(
+    folder,
+    volume_rc,
+    *,
+    slopes=None,
+    series_uid="1.2.3.4",
+    shuffle=True,
+    orientation=(1, 0, 0, 0, 1, 0),
+    origin=(-10.0, -20.0, 30.0),
+):
+    """Write ``volume_rc`` (slice, row, column) int16 stored values as CT slices, axial unless
+    ``orientation`` (ImageOrientationPatient) tilts them; slice k lies at ``origin`` plus k
+    slice spacings along the slice normal (LPS mm)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -391,8 +402,10 @@ def write_dicom_series(folder, volume_rc, *, slopes=None, series_uid="1.2.3.4", 
         ds.SeriesInstanceUID = series_uid
         ds.SeriesDescription = "test series"
         ds.InstanceNumber = int(k) + 1
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [-10.0, -20.0, 30.0 + SLICE_MM * int(k)]
+        ds.ImageOrientationPatient = [float(v) for v in orientation]
+        normal = np.cross(orientation[:3], orientation[3:])
+        position = np.asarray(origin, float) + SLICE_MM * int(k) * normal
+        ds.ImagePositionPatient = [float(v) for v in position]
         ds.PixelSpacing = [ROW_MM, COL_MM]
         ds.SliceThickness = SLICE_MM
         ds.RescaleSlope = float(slopes[k])
@@ -620,3 +633,71 @@ def test_corrupt_volume_gives_a_message_not_a_traceback(tmp_path):
         read_volume(path)
     with pytest.raises(ImageError, match=r"c\.nii\.gz"):
         sio.read_layer_data(path)
+
+
+def test_wrong_shape_is_refused_for_every_kind_of_reference(tmp_path):
+    src = save_nifti(tmp_path / "src.nii.gz", np.zeros((5, 6, 7), np.float32))
+    vol, _, affine = read_volume(src)
+    folder = write_dicom_series(tmp_path / "ct", dicom_volume())
+    series, _, series_meta = sio.read_dicom_series(folder)
+    [(_, kwargs, _)] = sio.read_layer_data(src)
+    wrong = np.zeros((2, 3, 4), np.uint8)
+    references = {
+        "NIfTI file": (src, {}),
+        "nibabel image": (nib.load(src), {}),
+        "affine array": (affine, {"shape": vol.shape}),
+        "DICOM folder": (folder, {}),
+        "layer metadata": (kwargs["metadata"], {}),
+        "DICOM layer metadata": (sio.read_layer_data(folder)[0][1]["metadata"], {}),
+    }
+    for kind, (reference, extra) in references.items():
+        with pytest.raises(ImageError, match="does not match"):
+            sio.write_labels(tmp_path / "out.nii.gz", wrong, reference, **extra)
+        assert not (tmp_path / "out.nii.gz").exists(), kind
+    # an affine alone cannot be checked, so it is refused
+    with pytest.raises(ImageError, match=r"pass shape=\(Z, Y, X\)"):
+        sio.write_labels(tmp_path / "out.nii.gz", np.zeros(vol.shape, np.uint8), affine)
+    # the right shape goes through for each
+    for kind, (reference, extra) in references.items():
+        ok = np.zeros(series.shape if "DICOM" in kind else vol.shape, np.uint8)
+        out = sio.write_labels(tmp_path / "out.nii.gz", ok, reference, **extra)
+        expected = series_meta["affine"] if "DICOM" in kind else affine
+        np.testing.assert_allclose(sio.read_labels(out)[2], expected, atol=1e-6)
+
+
+def test_labels_never_overwrite_their_source(tmp_path):
+    src = save_nifti(tmp_path / "src.nii.gz", np.zeros((5, 6, 7), np.float32))
+    before = src.read_bytes()
+    vol, _, _ = read_volume(src)
+    labels = np.ones(vol.shape, np.uint8)
+    [(_, kwargs, _)] = sio.read_layer_data(src)
+    for reference in (src, str(src), nib.load(src), kwargs["metadata"]):
+        with pytest.raises(ImageError, match="is the source scan.*src_labels.nii.gz"):
+            sio.write_labels(src, labels, reference)
+    with pytest.raises(ImageError, match="is the source scan"):
+        sio.write_labels_layer(src, labels, kwargs)
+    assert src.read_bytes() == before
+
+
+def test_layer_writer_refuses_labels_without_source_geometry(tmp_path):
+    labels = np.ones((3, 4, 5), np.uint8)
+    meta = {"name": "drawn", "scale": (3.0, 1.0, 1.0), "metadata": {}}
+    with pytest.raises(ImageError, match="'drawn' carries no source geometry"):
+        sio.write_labels_layer(tmp_path / "l.nii.gz", labels, meta)
+    assert not list(tmp_path.iterdir())
+
+
+def test_read_image_warns_about_nonfinite_values(tmp_path):
+    data = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4) + 5
+    data[0, 0, 0], data[1, 2, 3] = np.nan, -np.inf
+    path = save_nifti(tmp_path / "n.nii.gz", data, np.eye(4))
+    # counted over the whole volume, as read_volume counts them
+    with pytest.warns(UserWarning, match=r"n\.nii\.gz: 2 NaN/infinite voxels were set to .*\(6\)"):
+        image, _ = read_image(path, slice_index=0)
+    assert np.isfinite(image).all()
+    flat = np.ones((4, 5), np.float32)
+    flat[1, 1] = np.nan
+    np.save(tmp_path / "f.npy", flat)
+    with pytest.warns(UserWarning, match=r"f\.npy: 1 NaN/infinite voxels"):
+        image, _ = read_image(tmp_path / "f.npy")
+    assert np.isfinite(image).all()

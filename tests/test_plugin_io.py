@@ -62,3 +62,13 @@ def test_corrupt_nifti_gives_a_message(tmp_path):
 
     with pytest.raises(ImageError, match="broken.nii.gz"):
         get_reader(str(bad))(str(bad))
+
+
+def test_one_dicom_slice_opens_its_series(tmp_path):
+    stored = dicom_volume()
+    folder = write_dicom_series(tmp_path / "ct", stored)
+    one = folder / "slice.dcm"
+    sorted(folder.iterdir())[1].rename(one)
+    [(vol, kwargs, _)] = get_reader(str(one))(str(one))
+    assert vol.shape == stored.shape
+    assert kwargs["metadata"]["structsam_source"] == str(folder)
