@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +33,129 @@ def _load_input(args):
             raise StructSAMError(f"--slice {z} is outside the volume's 0..{vol.shape[0] - 1}")
         return vol[z], None, None, None
     path = Path(args.image)
+    if path.is_dir():
+        return _load_dicom_folder(path, args)
     image, meta = io.read_image(path, slice_index=args.slice)
     reference = path if meta.get("format") in ("nii", "nii.gz") else None
     return image, reference, None, None
+
+
+def _load_dicom_folder(path: Path, args):
+    """One axial slice of a DICOM series, as napari and ``structsam embed`` read it."""
+    from . import io
+
+    vol, _, meta = io.read_dicom_series(path)
+    n = vol.shape[0]
+    z = args.slice if args.slice is not None else (0 if n == 1 else None)
+    if z is None or not 0 <= z < n:
+        got = "no --slice" if z is None else f"--slice {z}"
+        raise StructSAMError(
+            f"{path} is a DICOM series of {n} slices: {got}; pass --slice 0..{n - 1}"
+        )
+    args.slice = z
+    reference = None
+    if io.file_format(args.out) in (".nii", ".nii.gz"):
+        import nibabel as nib
+
+        # an empty volume in the series' geometry puts the mask where the slice is
+        shape_xyz = vol.shape[::-1]
+        reference = nib.Nifti1Image(np.zeros(shape_xyz, np.uint8), meta["affine"])
+    return vol[z], reference, None, None
+
+
+def _check_output(value: str, option: str, allowed, image_arg: str) -> Path:
+    """Refuse an output path the writer would fail on, before any model is loaded."""
+    import os
+
+    from . import io
+
+    path = Path(value)
+    ext = io.file_format(path)
+    if ext not in allowed:
+        raise StructSAMError(
+            f"{option} {value}: cannot write {ext or 'a file without extension'}; use "
+            f"{', '.join(allowed)}"
+        )
+    if path.is_dir():
+        raise StructSAMError(f"{option} {value} is a folder; give a file name ending {ext}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise StructSAMError(f"{option} {value}: folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise StructSAMError(f"{option} {value}: folder {parent} is not writable")
+    source = Path(image_arg)
+    if not image_arg.startswith("sample:") and source.exists():
+        if path.resolve() == source.resolve():
+            raise StructSAMError(f"{option} {value} is the input image; write to another file")
+        if source.is_dir() and source.resolve() in path.resolve().parents:
+            raise StructSAMError(
+                f"{option} {value} is inside the input DICOM folder, which must hold only the "
+                "series' slices; write it elsewhere"
+            )
+    return path
+
+
+def _check_settings(args) -> None:
+    """Model, method, rate, device, checkpoint and output paths: all cheap, all before loading."""
+    from . import io
+    from .merge import METHODS
+    from .models.registry import MODELS, resolve_device
+
+    if args.model not in MODELS:
+        raise StructSAMError(f"--model {args.model}: unknown model; available: {', '.join(MODELS)}")
+    if args.method != "none":
+        if args.method not in METHODS:
+            raise StructSAMError(
+                f"--method {args.method}: unknown merge method; available: none, "
+                f"{', '.join(METHODS)}"
+            )
+        from .patching.engine import check_rate
+
+        check_rate(args.rate, METHODS[args.method], "--rate")
+        if args.prompt_aware and not METHODS[args.method].prompt_aware:
+            aware = ", ".join(name for name, m in METHODS.items() if m.prompt_aware)
+            raise StructSAMError(
+                f"--prompt-aware: method {args.method!r} cannot protect prompts; use {aware}"
+            )
+    resolve_device(args.device)
+    if args.checkpoint not in (None, "random") and not Path(args.checkpoint).is_file():
+        raise StructSAMError(
+            f"--checkpoint {args.checkpoint}: no such file (give a state-dict file or 'random')"
+        )
+    out = _check_output(args.out, "--out", io.WRITE_FORMATS, args.image)
+    if args.merge_map:
+        if args.method == "none" or args.rate == 0:
+            raise StructSAMError("--merge-map needs merging: pass --method and --rate > 0")
+        if args.block < 0:
+            raise StructSAMError(f"--block {args.block}: must be 0 or more (a merged block)")
+        pic = _check_output(args.merge_map, "--merge-map", (".png",), args.image)
+        if pic.resolve() == out.resolve():
+            raise StructSAMError("--merge-map and --out name the same file; give two names")
+    if args.window:
+        from .transforms import _check_window
+
+        try:
+            _check_window(args.window)
+        except StructSAMError as exc:
+            raise StructSAMError(f"--window: {exc}") from None
+
+
+def _check_prompts(box, points, labels, shape):
+    """Prompts checked against the image, clipped to it (with a warning) as predict would."""
+    from .errors import PromptError
+    from .transforms import validate_box, validate_points
+
+    if box is not None:
+        try:
+            box = validate_box(box, shape)
+        except PromptError as exc:
+            raise PromptError(f"--box: {exc}") from None
+    if points is not None:
+        try:
+            points, labels = validate_points(points, labels, shape)
+        except PromptError as exc:
+            raise PromptError(f"--point/--negative: {exc}") from None
+    return box, points, labels
 
 
 def cmd_segment(args) -> int:
@@ -44,6 +165,11 @@ def cmd_segment(args) -> int:
     from .metrics import dice
     from .vis import merge_overlay, save_png
 
+    # everything that can be wrong is checked before the model loads and the encoder runs
+    _check_settings(args)
+    has_prompt = args.box or args.point or args.negative
+    if not has_prompt and args.image != "sample:lesion":
+        raise StructSAMError("give a prompt: --box X0 Y0 X1 Y1 or --point X Y")
     image, reference, truth, sample_box = _load_input(args)
     box = np.array(args.box, float) if args.box else None
     if box is None and not args.point and sample_box is not None:
@@ -54,8 +180,7 @@ def cmd_segment(args) -> int:
         neg = [tuple(p) for p in (args.negative or [])]
         points = np.array(pos + neg, float)
         labels = np.array([1] * len(pos) + [0] * len(neg))
-    if box is None and points is None:
-        raise StructSAMError("give a prompt: --box X0 Y0 X1 Y1 or --point X Y")
+    box, points, labels = _check_prompts(box, points, labels, np.shape(image)[:2])
 
     model = structsam.load_model(args.model, checkpoint=args.checkpoint, device=args.device)
     if args.method != "none" and args.rate > 0:
@@ -69,7 +194,10 @@ def cmd_segment(args) -> int:
     predictor.set_image(image, window=window, prompts=prompts)
     masks, scores, _ = predictor.predict(point_coords=points, point_labels=labels, box=box)
     mask = masks[0]
-    io.write_mask(args.out, mask, reference=reference, slice_index=args.slice)
+    try:
+        io.write_mask(args.out, mask, reference=reference, slice_index=args.slice)
+    except OSError as exc:  # full disk, permissions changed since the check
+        raise StructSAMError(f"--out {args.out}: cannot write the mask ({exc})") from exc
     kept = [f"{i.tokens_after}/{i.tokens_before}" for i in predictor.merge_info]
     print(f"mask: {int(mask.sum())} pixels -> {args.out} (score {scores[0]:.3f})")
     print(f"encoder: {predictor.encode_seconds:.2f} s, tokens kept per block: {kept or 'all'}")
@@ -239,8 +367,15 @@ def cmd_annotate(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes as one line, like every other error of the command line."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="structsam", description=__doc__)
+    parser = _Parser(prog="structsam", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     seg = sub.add_parser("segment", help="segment one image (or one slice) from a prompt")
     seg.add_argument("image", help="PNG/TIFF/NPY/NIfTI/DICOM file, or " + ", ".join(SAMPLES))
@@ -334,14 +469,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message, category, filename, lineno, line=None):
+    # one line per warning, as the errors are; the source line means nothing to a CLI user
+    return f"warning: {message}\n"
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
+    # formatwarning, not showwarning: pytest.warns and other recorders still see the warnings
+    saved, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
         code = args.func(args)
     except StructSAMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = saved
     if args.command == "segment":
         print(f"done in {time.perf_counter() - start:.1f} s")
     return code
