@@ -217,3 +217,45 @@ def test_coarse_cells_merge_wide_flat_areas_further(litemedsam, phantom):
             mmap = i.merge_map
             assert len(np.unique(mmap)) == i.tokens_after
     assert all(a < b for a, b in zip(kept[1], kept[0], strict=True))
+
+
+@pytest.mark.parametrize("rate", [0.3, 0.6])
+def test_one_merge_per_stage_equals_per_block(small_vit, rate):
+    # merge(x + unmerge(u)) == merge(x) + u: merging once per stage is the per-block path
+    from structsam.patching import sam_vit
+
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+    out, paths, kept = {}, {}, {}
+    for recovery in ("stage", "block"):
+        patch(small_vit, "structsam", rate, coarse=0, recovery=recovery)
+        try:
+            paths[recovery] = type(small_vit).forward
+            out[recovery] = _run(small_vit, x)
+            kept[recovery] = [i.tokens_after for i in merge_state(small_vit).info]
+        finally:
+            unpatch(small_vit)
+    assert kept["stage"] == kept["block"] and max(kept["stage"]) < 256
+    assert paths["stage"] is sam_vit.encoder_forward
+    assert paths["block"] is not sam_vit.encoder_forward
+    assert (out["stage"] - out["block"]).abs().max().item() < 1e-4
+
+
+def test_lean_dense_vit_equals_stock(small_vit):
+    # rate 0 runs SAM ViT through the fused attention with folded relative positions
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+    ref = _run(small_vit, x)
+    patch(small_vit, "structsam", 0.0)
+    try:
+        out = _run(small_vit, x)
+    finally:
+        unpatch(small_vit)
+    assert (out - ref).abs().max().item() < 1e-4
+
+
+def test_one_stage_one_rate(small_vit):
+    # blocks 0 and 1 form one stage (1 is global): the engine merges them once
+    with pytest.raises(MergeError, match="share one merge"):
+        patch(small_vit, "structsam", [0.3, 0.5, 0.3, 0.3])
+    unpatch(small_vit)
+    patch(small_vit, "structsam", [0.3, 0.5, 0.3, 0.3], recovery="block")
+    unpatch(small_vit)

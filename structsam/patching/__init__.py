@@ -107,8 +107,25 @@ def patch(
         blk._structsam_index = i
         _swap(blk, family.merged_forward, "_structsam_dense_forward")
     encoder._structsam_state = state
-    _swap(encoder, _encoder_forward)
+    _swap(encoder, _encoder_forward_for(family, state))
     return model
+
+
+def _encoder_forward_for(family, state: MergeState):
+    """The family's merge-once-per-stage forward where it has one and the options allow it."""
+    stage_path = getattr(family, "encoder_forward", None)
+    # these ablations need per-token values inside a stage, so they merge around every block
+    ablation = state.queries == "full" or not state.merge_mlp or not state.merge_attention
+    if stage_path is None or state.recovery == "block" or ablation:
+        return _encoder_forward
+    for run in state.runs:
+        rates = {state.rates.get(b, 0.0) for b in run}
+        if len(rates) > 1:
+            raise MergeError(
+                f"blocks {run[0]}..{run[-1]} share one merge (one stage) but have rates "
+                f"{sorted(rates)}; give them one rate, or pass recovery='block'"
+            )
+    return stage_path
 
 
 def _block_grid(blk, encoder):

@@ -13,9 +13,39 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 from ..errors import MergeError
 from ..merge import Grid, MethodInfo, Plan, prompt_mask
+
+# Logit of an empty key slot: exp() of it is 0 in every float type, and unlike -inf it stays
+# finite in a matmul (0 * -inf would be NaN).
+MASKED_LOGIT = -30000.0
+
+
+@torch.library.custom_op("structsam::attention", mutates_args=())
+def fused_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, head_dim: int
+) -> torch.Tensor:
+    """``scaled_dot_product_attention`` (scale 1) whose FLOPs count ``head_dim`` wide.
+
+    Folding position biases into q/k widens them (``sam_vit._folded_attention``); FLOPs are the
+    model's, so the count uses its own head width. torch's counter does not count the fused CPU
+    kernel at all, which would hide attention from every FLOPs cut.
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+
+
+@fused_attention.register_fake
+def _(q, k, v, mask, head_dim):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+@register_flop_formula(torch.ops.structsam.attention)
+def _attention_flops(q_shape, k_shape, v_shape, mask_shape, head_dim, out_shape=None, **kw):
+    *batch, sq, _ = q_shape
+    return 4 * int(np.prod(batch)) * sq * k_shape[-2] * head_dim
 
 
 @dataclass
@@ -80,8 +110,15 @@ class MergeState:
         self.queries = self.options.pop("queries", "reduced")
         if self.queries not in ("reduced", "full"):
             raise MergeError(f"queries must be 'reduced' or 'full', got {self.queries!r}")
+        # "stage": merge once per run of merged blocks of a stage; "block": around every block
+        self.recovery = self.options.pop("recovery", "stage")
+        if self.recovery not in ("stage", "block"):
+            raise MergeError(f"recovery must be 'stage' or 'block', got {self.recovery!r}")
         self.prompts = prompts
         self.seed = seed
+        # blocks in forward order, cut where the stage or merged/dense changes (stage path)
+        self.runs = _runs(stages, rates)
+        self._identity: dict[tuple, Plan] = {}
         self.info: list[BlockMergeInfo] = []
         # diagnostics (spectral distortion): keep each stage's first block input, image 0
         self.record_features = False
@@ -111,7 +148,8 @@ class MergeState:
                     grid, self.input_size, self.prompts, self.prompt_margin, self.point_radius
                 )
             gen = torch.Generator(device=x.device).manual_seed(self.seed + block)
-            feat = x.detach().view(x.shape[0], height, width, -1)
+            # decisions in fp32 whatever the encoder runs in, so precision does not move them
+            feat = x.detach().float().view(x.shape[0], height, width, -1)
             if self.record_features:
                 self.features[stage] = feat[0].clone()
             dst, protected = self.method.fn(
@@ -126,6 +164,29 @@ class MergeState:
         plan = self._plans[key]
         self.info.append(BlockMergeInfo(block, stage, (height, width), window, plan))
         return plan
+
+    def identity_plan(self, batch: int, height: int, width: int, window, device) -> Plan:
+        """Every token its own group: dense blocks through the merged path (kept across calls,
+        as it depends only on the grid)."""
+        key = (batch, height, width, window, str(device))
+        if key not in self._identity:
+            grid = Grid(height, width, window, device=device)
+            dst = torch.arange(grid.n, device=device).expand(batch, -1)
+            self._identity[key] = Plan.from_dst(dst, grid)
+        return self._identity[key]
+
+
+def _runs(stages: dict[int, int], rates: dict[int, float]) -> list[list[int]]:
+    """Consecutive blocks of one stage that are all merged (or all dense)."""
+    runs: list[list[int]] = []
+    prev = None
+    for block in sorted(stages):
+        key = (stages[block], rates.get(block, 0.0) > 0)
+        if key != prev:
+            runs.append([])
+            prev = key
+        runs[-1].append(block)
+    return runs
 
 
 def pack(t: torch.Tensor, packing: dict, fill: torch.Tensor | None = None) -> torch.Tensor:
