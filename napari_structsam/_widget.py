@@ -7,6 +7,13 @@ updates, all on the GUI thread.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
+import traceback
+import warnings
+import weakref
+
 import numpy as np
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
@@ -46,6 +53,9 @@ from ._worker import JobRunner, Progress, encode_job, propagate_job
 RATE_STEPS = 100  # slider ticks per unit rate
 SLIDER_DEBOUNCE_MS = 300
 PREFETCH = 2  # neighbouring slices encoded on each side after the current one
+AUTOSAVE_PAINT_MS = 500  # brush strokes in the objects layer are saved after this pause
+
+log = logging.getLogger("napari_structsam")
 
 KEYS = {
     "segment": ("S", "Segment the object on this slice from its points and box"),
@@ -61,6 +71,64 @@ def _key_label(key: str) -> str:
     return key.replace("Control-", "Ctrl-")
 
 
+def _guarded(func):
+    """Qt and napari callbacks must never raise: an exception escaping a slot aborts the
+    application. Errors go to the status line (traceback in its tooltip) and the log; once the
+    widget is closed, callbacks do nothing."""
+
+    @functools.wraps(func)
+    def wrapper(self, *args, **kwargs):
+        if getattr(self, "_closed", False):
+            return None
+        try:
+            return func(self, *args, **kwargs)
+        except Exception as exc:
+            self._report(func.__name__, exc)
+            return None
+
+    return wrapper
+
+
+def _widget_destroyed(ref, *_) -> None:
+    """The dock widget's C++ side is gone (viewer closed, dock removed): stop its workers and
+    drop its napari connections, touching no Qt object of it."""
+    widget = ref()
+    if widget is not None:
+        widget._shutdown(qt_alive=False)
+
+
+def _fit_prompts(xy, labels, box, shape):
+    """Prompts drawn past the image edge, fitted to it by the library's own validation (which
+    clips them with a PromptWarning); a box wholly outside is dropped. Returns the prompts and
+    a note saying what changed (None when nothing did)."""
+    from structsam.errors import PromptError, PromptWarning
+    from structsam.transforms import validate_box, validate_points
+
+    size = tuple(int(v) for v in shape[-2:])  # (H, W)
+    notes = []
+    # record=True swaps process-wide warning state; only numpy runs inside, for microseconds
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PromptWarning)
+        if box is not None:
+            try:
+                box = validate_box(box, size)
+            except PromptError as exc:
+                notes.append(f"{exc}: box ignored")
+                box = None
+        if len(xy):
+            try:
+                xy, labels = validate_points(xy, labels, size)
+            except PromptError as exc:
+                notes.append(f"{exc}: points ignored")
+                xy, labels = np.zeros((0, 2)), np.zeros(0, int)
+    for w in caught:
+        if issubclass(w.category, PromptWarning):
+            notes.append(str(w.message))
+        else:  # not ours: pass it on
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return xy, labels, box, "; ".join(notes) or None
+
+
 class StructSAMWidget(QWidget):
     """Click-to-segment with a token-merging SAM encoder running in the background."""
 
@@ -69,6 +137,7 @@ class StructSAMWidget(QWidget):
         from structsam.merge import METHODS
         from structsam.models import MODELS
 
+        self._closed = False
         preload()
         self.viewer = napari_viewer
         self.session = Session()
@@ -80,9 +149,16 @@ class StructSAMWidget(QWidget):
         self._pending_segment = False
         self._propagating = False
         self._overlay_z: int | None = None
+        self._image_key: str | None = None  # content hash: names the autosaved objects file
+        self._objects_layer = None  # the layer whose brush strokes are autosaved
+        self._save_pending = False
+        self._last_store = None
+        self._prompt_note: str | None = None  # how the prompts were fitted to the image
         self._methods = METHODS
         self._build(list(MODELS), ["none", *METHODS], available_devices())
         self._connect()
+        # a partial, not a bound method: Qt drops slots of the object being destroyed
+        self.destroyed.connect(functools.partial(_widget_destroyed, weakref.ref(self)))
         self._refresh_images()
 
     # ------------------------------------------------------------------ layout
@@ -129,6 +205,20 @@ class StructSAMWidget(QWidget):
         cache.addWidget(self.cache_check)
         cache.addWidget(self.cache_edit)
         form.addRow("disk cache", cache)
+        autosave = QHBoxLayout()
+        self.autosave_check = QCheckBox("on")
+        self.autosave_check.setChecked(True)
+        self.autosave_edit = QLineEdit()
+        self.autosave_edit.setPlaceholderText("<disk cache folder>/annotations")
+        tip = (
+            "Every commit and undo is written at once to <folder>/<image hash>.objects.npz; "
+            "opening the same image again restores the objects (never over existing labels)"
+        )
+        self.autosave_check.setToolTip(tip)
+        self.autosave_edit.setToolTip(tip)
+        autosave.addWidget(self.autosave_check)
+        autosave.addWidget(self.autosave_edit)
+        form.addRow("autosave objects", autosave)
         root.addWidget(box)
 
         box = QGroupBox("Token merging")
@@ -227,6 +317,8 @@ class StructSAMWidget(QWidget):
         self._prompt_timer.timeout.connect(lambda: self.segment(explicit=False))
         self._window_timer = QTimer(self, singleShot=True, interval=400)
         self._window_timer.timeout.connect(self._window_changed)
+        self._save_timer = QTimer(self, singleShot=True, interval=AUTOSAVE_PAINT_MS)
+        self._save_timer.timeout.connect(self._save_painted)
 
         self.image_combo.currentTextChanged.connect(self._image_chosen)
         self.window_check.toggled.connect(self._window_changed)
@@ -234,6 +326,8 @@ class StructSAMWidget(QWidget):
         self.ckpt_edit.editingFinished.connect(self._settings_changed)
         self.cache_check.toggled.connect(self._cache_changed)
         self.cache_edit.editingFinished.connect(self._cache_changed)
+        self.autosave_check.toggled.connect(self._autosave_changed)
+        self.autosave_edit.editingFinished.connect(self._autosave_changed)
         self.ckpt_button.clicked.connect(self._browse_checkpoint)
         self.device_combo.currentTextChanged.connect(self._settings_changed)
         self.method_combo.currentTextChanged.connect(self._method_changed)
@@ -242,7 +336,7 @@ class StructSAMWidget(QWidget):
         for check in (self.show_mask, self.show_merge, self.show_protected):
             check.toggled.connect(self._apply_visibility)
         self.opacity_slider.valueChanged.connect(self._apply_visibility)
-        self.block_combo.currentIndexChanged.connect(lambda _: self._update_overlays())
+        self.block_combo.currentIndexChanged.connect(self._block_chosen)
         actions = {
             "segment": lambda: self.segment(explicit=True),
             "volume": self.segment_volume,
@@ -259,7 +353,7 @@ class StructSAMWidget(QWidget):
         layers = self.viewer.layers
         layers.events.inserted.connect(self._refresh_images)
         layers.events.removed.connect(self._refresh_images)
-        self.viewer.dims.events.current_step.connect(lambda _: self._slice_timer.start())
+        self.viewer.dims.events.current_step.connect(self._dims_moved)
         for name, func in actions.items():
             key = KEYS[name][0]
             # overwrite: S and T are select/path modes of napari's points and shapes layers,
@@ -298,26 +392,50 @@ class StructSAMWidget(QWidget):
         self.prompt_check.setEnabled(info is not None and info.prompt_aware)
         self._rate_moved(self.rate_slider.value(), debounce=False)
 
+    @_guarded
     def _method_changed(self, _=None) -> None:
         self._update_rate_range()
         self._settings_changed()
 
+    @_guarded
     def _rate_moved(self, value, debounce=True) -> None:
         self.rate_label.setText(f"{value / RATE_STEPS:.2f}")
         if debounce:
             self._rate_timer.start()
 
+    @_guarded
     def _browse_checkpoint(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "SAM / MedSAM checkpoint", "", "*.pth *.pt")
         if path:
             self.ckpt_edit.setText(path)
             self._settings_changed()
 
+    @_guarded
     def _cache_changed(self, *_) -> None:
         self.session.use_disk_cache = self.cache_check.isChecked()
         self.session.cache_folder = self.cache_edit.text().strip() or None
         self._update_status()
+        if not self.autosave_edit.text().strip():  # the default autosave folder moved with it
+            self._autosave_changed()
 
+    @_guarded
+    def _autosave_changed(self, *_) -> None:
+        old = self._last_store
+        store = self._annotation_store()
+        if store is None:
+            self._event("autosave off: committed objects are kept only in the layer")
+            return
+        if old is not None and old.folder == store.folder:
+            return
+        text = f"committed objects are saved to {store.folder}"
+        if self.image_layer is not None:  # objects saved there join the layer, then all saved
+            restored = self._restore_objects()
+            self.layers[L.OBJECTS].refresh()
+            self._save_objects()
+            text = restored or text
+        self._event(text)
+
+    @_guarded
     def _settings_changed(self, *_) -> None:
         new = self.settings()
         if new == self.session.settings:
@@ -327,10 +445,12 @@ class StructSAMWidget(QWidget):
         if self.image_layer is not None:
             self._request_encode(segment_after=True)
 
+    @_guarded
     def _contrast_changed(self, event=None) -> None:
         if self.window_check.isChecked():
             self._window_timer.start()
 
+    @_guarded
     def _window_changed(self, *_) -> None:
         if self.image_layer is None:
             return
@@ -341,6 +461,7 @@ class StructSAMWidget(QWidget):
 
     # ------------------------------------------------------------------ image
 
+    @_guarded
     def _refresh_images(self, *_) -> None:
         from napari.layers import Image
 
@@ -361,6 +482,7 @@ class StructSAMWidget(QWidget):
             self.image_layer = None
             self._event("add an image layer (File > Open Sample > StructSAM)")
 
+    @_guarded
     def _image_chosen(self, name: str) -> None:
         if not name or name not in self.viewer.layers:
             return
@@ -387,9 +509,20 @@ class StructSAMWidget(QWidget):
         )
         self.last_encoding = None
         self._overlay_z = None
+        s = self.session
+        self._image_key = None
+        try:
+            from structsam.annotations import image_key
+
+            self._image_key = image_key(s.volume if s.is_3d else s.volume[0])
+            restored = self._restore_objects()
+        except Exception as exc:  # the image still opens; only the autosave is missing
+            restored = None
+            self._report("restoring saved objects", exc)
         self.layers = L.ensure_layers(self.viewer, layer, self.session.shape)
         self.layers[L.MASK].data = self.session.mask_view()
         self.layers[L.OBJECTS].data = self.session.objects_view()
+        self._watch_objects(self.layers[L.OBJECTS])
         for name in (L.MERGE_MAP, L.PROTECTED):
             self.layers[name].data = np.zeros(self.session.shape, self.layers[name].dtype)
         for name in (L.POINTS, L.BOXES):
@@ -404,7 +537,74 @@ class StructSAMWidget(QWidget):
         self.viewer.layers.selection.active = self.layers[L.POINTS]
         self.layers[L.POINTS].mode = "add"
         self._event(f"image {layer.name!r}: {self._describe_image()}")
+        if restored:
+            from napari.utils.notifications import show_info
+
+            self._event(restored)
+            show_info(f"StructSAM: {restored}")
         self._request_encode()
+
+    # ------------------------------------------------------------------ autosave
+
+    def _annotation_store(self):
+        """Where committed objects go (None: autosave off)."""
+        from structsam.annotations import AnnotationStore, default_folder
+
+        store = None
+        if self.autosave_check.isChecked():
+            folder = self.autosave_edit.text().strip()
+            if not folder:
+                folder = default_folder(self.cache_edit.text().strip() or None)
+            store = AnnotationStore(folder)
+        self._last_store = store  # for a save once the Qt side is gone
+        return store
+
+    def _restore_objects(self) -> str | None:
+        """Objects saved for this image go into the session's objects (on background only);
+        returns what to tell the user, None when there was nothing saved."""
+        from structsam.annotations import merge_objects
+
+        store = self._annotation_store()
+        if store is None or self._image_key is None:
+            return None
+        saved = store.load(self._image_key, shape=self.session.shape, strict=True)
+        if saved is None:
+            return None
+        added = merge_objects(self.session.objects_view(), saved.objects)
+        if added:
+            return f"restored {added} objects from {saved.path}"
+        return f"the {saved.count} objects saved in {saved.path} are already in {L.OBJECTS!r}"
+
+    def _save_objects(self, store=False) -> str:
+        """Write the objects layer now (atomically); returns a note for the status line."""
+        self._save_pending = False
+        if store is False:
+            store = self._annotation_store()
+        if store is None or self._image_key is None or self.session.objects is None:
+            return "not saved (autosave off)"
+        name = self.image_layer.name if self.image_layer is not None else ""
+        path = store.save(self._image_key, self.session.objects_view(), name=name)
+        return f"saved to {path}" if path is not None else f"no objects left in {store.folder}"
+
+    def _watch_objects(self, layer) -> None:
+        """Brush strokes in the objects layer are autosaved too (after a short pause)."""
+        if self._objects_layer is layer:
+            return
+        if self._objects_layer is not None:
+            with contextlib.suppress(Exception):
+                self._objects_layer.events.paint.disconnect(self._objects_painted)
+        self._objects_layer = layer
+        layer.events.paint.connect(self._objects_painted)
+
+    @_guarded
+    def _objects_painted(self, event=None) -> None:
+        self._save_pending = True
+        self._save_timer.start()
+
+    @_guarded
+    def _save_painted(self) -> None:
+        if self._save_pending:
+            self._event(f"objects layer edited: {self._save_objects()}")
 
     def _describe_image(self) -> str:
         s = self.session
@@ -427,6 +627,7 @@ class StructSAMWidget(QWidget):
 
     # ------------------------------------------------------------------ encoding
 
+    @_guarded
     def _slice_changed(self) -> None:
         if self.image_layer is None or not self.session.is_3d:
             return
@@ -442,8 +643,10 @@ class StructSAMWidget(QWidget):
         xy, labels, box = L.slice_prompts(
             self.layers[L.POINTS], self.layers[L.BOXES], z, self.session.is_3d
         )
+        xy, labels, box, self._prompt_note = _fit_prompts(xy, labels, box, self.session.shape)
         return Prompts(xy if len(xy) else None, labels if len(xy) else None, box)
 
+    @_guarded
     def _request_encode(self, segment_after: bool = False) -> None:
         """Encode what the current slice needs, then prefetch its neighbours (newest wins)."""
         if self.image_layer is None:
@@ -480,6 +683,7 @@ class StructSAMWidget(QWidget):
         if segment_after and not reason:
             self.segment(explicit=False)
 
+    @_guarded
     def _on_yield(self, job, value) -> None:
         s = self.session
         if isinstance(value, Progress):
@@ -512,6 +716,7 @@ class StructSAMWidget(QWidget):
             if value.stopped:
                 self._event(f"slice {value.z}: {value.stopped}")
 
+    @_guarded
     def _on_done(self, job) -> None:
         self._inflight = None
         self._set_busy(False)
@@ -524,6 +729,7 @@ class StructSAMWidget(QWidget):
             self._event(f"object propagated: on {n} slices; commit it with [C]")
             self._request_encode()
 
+    @_guarded
     def _on_error(self, job, exc) -> None:
         from structsam.errors import StructSAMError
 
@@ -536,6 +742,7 @@ class StructSAMWidget(QWidget):
         else:
             self._event(f"{job.kind} failed: {type(exc).__name__}: {exc}", error=True)
 
+    @_guarded
     def cancel(self) -> None:
         """Stop the running job (encode or propagation); results so far stay."""
         was = self.runner.current
@@ -559,6 +766,7 @@ class StructSAMWidget(QWidget):
 
     # ------------------------------------------------------------------ annotation
 
+    @_guarded
     def segment(self, explicit: bool = True) -> None:
         """[S] Decode the current slice's prompts (at once when its embedding exists)."""
         if self.image_layer is None:
@@ -570,15 +778,18 @@ class StructSAMWidget(QWidget):
         s = self.session
         z = self.current_slice()
         prompts = self._current_prompts(z)
+        note = self._prompt_note
         if not prompts:
             s.mask[z] = 0
             self.layers[L.MASK].refresh()
-            if explicit:
+            if note:
+                self._event(note, error=True)
+            elif explicit:
                 self._event("add a box (boxes layer) or a point (points layer) first")
             return
         reason = s.needs_encode(z, prompts)
         if reason:
-            self._event(f"encoding first ({reason})")
+            self._event(f"encoding first ({reason})" + (f" · {note}" if note else ""))
             self._request_encode(segment_after=True)
             return
         try:
@@ -588,17 +799,19 @@ class StructSAMWidget(QWidget):
             self._event(str(exc))
             return
         except Exception as exc:  # a malformed prompt must not lose the annotation
-            self._event(f"cannot segment: {exc}", error=True)
+            self._report("segment", exc, prefix="cannot segment: ")
             return
         self.layers[L.MASK].refresh()
         if s.settings.uses_prompts:
-            self._event(
+            text = (
                 f"prompt inside the protected region: embedding reused, decoder only "
                 f"({int(mask.sum())} px, score {score:.2f})"
             )
         else:
-            self._event(f"mask: {int(mask.sum())} px on slice {z} (score {score:.2f})")
+            text = f"mask: {int(mask.sum())} px on slice {z} (score {score:.2f})"
+        self._event(text + (f" · {note}" if note else ""))
 
+    @_guarded
     def segment_volume(self) -> None:
         """[Shift-S] Propagate the current object through the volume in a worker."""
         s = self.session
@@ -620,6 +833,7 @@ class StructSAMWidget(QWidget):
         self.runner.start("propagate", propagate_job, s, z, seed.copy(), s.settings, known)
         self._set_busy(True, "propagating")
 
+    @_guarded
     def commit(self) -> None:
         """[C] Current object -> a new label in 'structsam objects'; clears the prompts."""
         if self.image_layer is None:
@@ -628,22 +842,40 @@ class StructSAMWidget(QWidget):
             self._event("wait for the propagation to finish (or cancel it) before committing")
             return
         done = self.session.commit()
+        note = self._save_after("commit") if done is not None else None
         self.layers[L.OBJECTS].refresh()
         self._clear_prompt_layers()
         self.layers[L.MASK].refresh()
         if done is None:
             self._event("nothing new to commit (the mask is empty or already committed)")
-        else:
-            self._event(f"committed object {done.label} ({len(done.index)} px); undo: Ctrl-Z")
+        elif note is not None:  # else the save failure is on the status line
+            self._event(
+                f"committed object {done.label} ({len(done.index)} px), {note}; undo: Ctrl-Z"
+            )
 
+    @_guarded
     def undo(self) -> None:
         """[Ctrl-Z] Take back the last commit; other objects stay as they are."""
         if self.image_layer is None:
             return
         done = self.session.undo()
+        note = self._save_after("undo") if done is not None else None
         self.layers[L.OBJECTS].refresh()
-        self._event("nothing to undo" if done is None else f"removed object {done.label}")
+        if done is None:
+            self._event("nothing to undo")
+        elif note is not None:
+            self._event(f"removed object {done.label}, {note}")
 
+    def _save_after(self, what: str) -> str | None:
+        """Autosave after a commit or undo; a failure is reported (the object stays in the
+        layer) and gives None."""
+        try:
+            return self._save_objects()
+        except Exception as exc:
+            self._report(f"saving after the {what}", exc)
+            return None
+
+    @_guarded
     def clear_prompts(self) -> None:
         """[Shift-C] Remove all points and boxes and the current object."""
         if self.image_layer is None:
@@ -653,6 +885,7 @@ class StructSAMWidget(QWidget):
         self.layers[L.MASK].refresh()
         self._event("prompts cleared")
 
+    @_guarded
     def toggle_label(self) -> None:
         """[T] The next point is negative if it was positive, and vice versa."""
         if not self.layers:
@@ -670,6 +903,7 @@ class StructSAMWidget(QWidget):
             layer.data = []
             layer.events.data.connect(self._prompts_changed)
 
+    @_guarded
     def _prompts_changed(self, event=None) -> None:
         action = str(getattr(event, "action", ""))
         if action.endswith("ing"):  # adding/changing/removing: wait for the final event
@@ -678,6 +912,7 @@ class StructSAMWidget(QWidget):
 
     # ------------------------------------------------------------------ overlays and status
 
+    @_guarded
     def _apply_visibility(self, *_) -> None:
         if not self.layers:
             return
@@ -779,19 +1014,84 @@ class StructSAMWidget(QWidget):
             parts.append(s.cache_note)
         self.status.setText(" · ".join(parts))
 
-    def _event(self, text: str, error: bool = False) -> None:
-        """One line under the status; errors also go to napari's notifications."""
+    def _event(self, text: str, error: bool = False, detail: str | None = None) -> None:
+        """One line under the status (its tooltip has the full text, or ``detail``); errors
+        also go to napari's notifications."""
         self.event_label.setText(text)
+        self.event_label.setToolTip(detail or text)
         self.event_label.setStyleSheet("color: #ff6b6b;" if error else "")
         if error:
             from napari.utils.notifications import show_warning
 
             show_warning(f"StructSAM: {text}")
 
+    def _report(self, where: str, exc: BaseException, prefix: str = "") -> None:
+        """An error caught at a callback's edge: logged with its traceback and shown."""
+        from structsam.errors import StructSAMError
+
+        log.error("StructSAM: %s failed", where, exc_info=exc)
+        if isinstance(exc, StructSAMError | SessionError):
+            text = f"{prefix}{exc}"  # written for the user
+        else:
+            text = f"{prefix or where + ' failed: '}{type(exc).__name__}: {exc}"
+        detail = "".join(traceback.format_exception(exc))
+        if self._closed:
+            return
+        try:
+            self._event(text, error=True, detail=detail)
+        except RuntimeError:  # the widget's Qt side is gone
+            pass
+
+    @_guarded
+    def _dims_moved(self, event=None) -> None:
+        self._slice_timer.start()
+
+    @_guarded
+    def _block_chosen(self, index=None) -> None:
+        self._update_overlays()
+
     def close_session(self) -> None:
-        """Stop background work (napari calls ``close`` when the dock widget goes away)."""
-        self.runner.cancel()
+        """Stop background work and disconnect from the viewer; the widget is inert after."""
+        self._shutdown(qt_alive=True)
 
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
-        self.close_session()
+        self._shutdown(qt_alive=True)
         super().closeEvent(event)
+
+    def _shutdown(self, qt_alive: bool) -> None:
+        """Cancel and wait for the workers, drop napari connections and key bindings, and
+        write an unsaved brush edit. With ``qt_alive`` false (from ``destroyed``) no Qt
+        object of this widget may be touched."""
+        if self._closed:
+            return
+        self._closed = True
+        if qt_alive:
+            for timer in (self._rate_timer, self._slice_timer, self._prompt_timer,
+                          self._window_timer, self._save_timer):  # fmt: skip
+                with contextlib.suppress(RuntimeError):
+                    timer.stop()
+        self.runner.shutdown()
+        if self._save_pending:
+            try:
+                self._save_objects(self._last_store)
+            except Exception:
+                log.exception("StructSAM: saving the edited objects at close failed")
+        viewer = self.viewer
+        hooks = [
+            (viewer.layers.events.inserted, self._refresh_images),
+            (viewer.layers.events.removed, self._refresh_images),
+            (viewer.dims.events.current_step, self._dims_moved),
+        ]
+        if self.image_layer is not None:
+            hooks.append((self.image_layer.events.contrast_limits, self._contrast_changed))
+        if self._objects_layer is not None:
+            hooks.append((self._objects_layer.events.paint, self._objects_painted))
+        for name in (L.POINTS, L.BOXES):
+            if name in self.layers:
+                hooks.append((self.layers[name].events.data, self._prompts_changed))
+        for emitter, callback in hooks:
+            with contextlib.suppress(Exception):
+                emitter.disconnect(callback)
+        for key, _ in KEYS.values():
+            with contextlib.suppress(Exception):
+                viewer.bind_key(key, None)

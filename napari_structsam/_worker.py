@@ -7,11 +7,16 @@ callbacks that run on the GUI thread and drops whatever a superseded job still s
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ._session import EncodeCancelled, EncoderSettings, Prompts, Session
+
+log = logging.getLogger("napari_structsam")
 
 
 @dataclass
@@ -21,6 +26,12 @@ class Progress:
     text: str
 
 
+class JobFailed(Exception):
+    """A job's ``RuntimeError`` (torch raises those: out of memory, bad device...), re-raised
+    as another type: superqt takes a RuntimeError from a worker for "the worker was deleted"
+    and drops it, so neither ``errored`` nor ``finished`` would ever come."""
+
+
 @dataclass
 class Job:
     id: int
@@ -28,6 +39,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     state: str = "queued"  # queued, running, done, cancelled, error
     worker: object = None
+    slots: list = field(default_factory=list)  # (signal, slot) pairs to disconnect on shutdown
 
     def cancelled(self) -> bool:
         return self.cancel.is_set()
@@ -64,6 +76,8 @@ def encode_job(
         yield Progress(total, total, "done")
     except EncodeCancelled:
         return
+    except RuntimeError as exc:
+        raise JobFailed(f"{type(exc).__name__}: {exc}") from exc
 
 
 def propagate_job(session: Session, z0: int, seed, settings, known, job: Job) -> Iterator:
@@ -71,6 +85,8 @@ def propagate_job(session: Session, z0: int, seed, settings, known, job: Job) ->
         yield from session.propagate(z0, seed, settings, known, job.cancelled)
     except EncodeCancelled:
         return
+    except RuntimeError as exc:
+        raise JobFailed(f"{type(exc).__name__}: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------- runner
@@ -80,7 +96,8 @@ class JobRunner:
     """At most one live job: starting one cancels the previous (newest wins).
 
     ``on_yield(job, value)``, ``on_done(job)`` and ``on_error(job, exc)`` run on the GUI thread
-    and only for the live job; a cancelled job's late values are dropped.
+    and only for the live job; a cancelled job's late values are dropped. After ``shutdown``
+    (the widget is gone) nothing is called back and no job starts.
     """
 
     def __init__(self, on_yield: Callable, on_done: Callable, on_error: Callable):
@@ -90,6 +107,7 @@ class JobRunner:
         self.current: Job | None = None
         self.history: list[Job] = []  # every job started, with its final state (tests, status)
         self._next_id = 0
+        self.closed = False
 
     @property
     def busy(self) -> bool:
@@ -108,6 +126,8 @@ class JobRunner:
         from napari.qt.threading import create_worker
 
         self.cancel()
+        if self.closed:
+            raise RuntimeError("the job runner was shut down")
         self._next_id += 1
         job = Job(self._next_id, kind)
         self.history.append(job)
@@ -115,22 +135,56 @@ class JobRunner:
         self.current = job
         worker = create_worker(func, *args, job, _start_thread=False, _ignore_errors=True)
         job.worker = worker
-        worker.yielded.connect(lambda value, job=job: self._yielded(job, value))
-        worker.errored.connect(lambda exc, job=job: self._errored(job, exc))
-        worker.finished.connect(lambda job=job: self._finished(job))
+        job.slots = [
+            (worker.yielded, lambda value, job=job: self._yielded(job, value)),
+            (worker.errored, lambda exc, job=job: self._errored(job, exc)),
+            (worker.finished, lambda job=job: self._finished(job)),
+        ]
+        for signal, slot in job.slots:
+            signal.connect(slot)
         job.state = "running"
         worker.start()
         return job
 
+    def shutdown(self, timeout: float = 10.0) -> bool:
+        """Cancel every job, disconnect its signals and wait (up to ``timeout`` s) for the
+        worker threads to end; called when the widget goes away. True when none runs on.
+
+        Cancelled encodes stop within one encoder block; waiting lets them finish emitting
+        before the application tears Qt down (else: "wrapped C/C++ object ... deleted")."""
+        self.closed = True
+        self.cancel()
+        workers = []
+        for job in self.history:
+            job.cancel.set()
+            if job.state in ("queued", "running"):
+                job.state = "cancelled"
+            for signal, slot in job.slots:
+                with contextlib.suppress(TypeError, RuntimeError):  # gone or not connected
+                    signal.disconnect(slot)
+            job.slots = []
+            if job.worker is not None:
+                with contextlib.suppress(RuntimeError):
+                    job.worker.quit()
+                    workers.append(job.worker)
+        end = time.monotonic() + timeout
+        running = [w for w in workers if _running(w)]
+        while running and time.monotonic() < end:
+            time.sleep(0.01)
+            running = [w for w in running if _running(w)]
+        if running:
+            log.warning("%d StructSAM worker(s) still running after %.0f s", len(running), timeout)
+        return not running
+
     def _live(self, job: Job) -> bool:
-        return job is self.current and not job.cancelled()
+        return not self.closed and job is self.current and not job.cancelled()
 
     def _yielded(self, job: Job, value) -> None:
         if self._live(job):
             self.on_yield(job, value)
 
     def _errored(self, job: Job, exc) -> None:
-        if job.cancelled():
+        if job.cancelled() or self.closed:
             return
         job.state = "error"
         if job is self.current:
@@ -140,7 +194,7 @@ class JobRunner:
     def _finished(self, job: Job) -> None:
         if job.state == "running":
             job.state = "cancelled" if job.cancelled() else "done"
-        if job is self.current:
+        if job is self.current and not self.closed:
             self.current = None
             self.on_done(job)
 
@@ -155,3 +209,10 @@ class JobRunner:
             QApplication.processEvents()
             time.sleep(0.005)
         return not self.busy
+
+
+def _running(worker) -> bool:
+    try:
+        return bool(worker.is_running)
+    except RuntimeError:  # its Qt side is already gone
+        return False

@@ -191,9 +191,12 @@ class AnnotationStore:
                 saved.objects = full
         return saved
 
-    def load(self, key: str, shape: tuple[int, ...] | None = None) -> SavedObjects | None:
+    def load(
+        self, key: str, shape: tuple[int, ...] | None = None, strict: bool = False
+    ) -> SavedObjects | None:
         """The objects saved for image ``key``, or None: none saved, another ``shape``, or an
-        unreadable file (warned about and left in place: it may be someone's only copy)."""
+        unreadable file, which is left in place (it may be someone's only copy) with a warning,
+        or with a StructSAMError when ``strict``."""
         path = self.path(key)
         if not path.is_file():
             return None
@@ -202,11 +205,13 @@ class AnnotationStore:
             if saved.key != key:
                 raise ValueError("the file belongs to another image")
         except Exception as exc:  # truncated or foreign file: many exception types
-            warnings.warn(
+            message = (
                 f"saved objects {path} could not be read ({type(exc).__name__}: {exc}); "
-                "they were not restored",
-                stacklevel=2,
+                "they were not restored"
             )
+            if strict:
+                raise StructSAMError(message) from exc
+            warnings.warn(message, stacklevel=2)
             return None
         if shape is not None and tuple(shape) != saved.shape:
             return None

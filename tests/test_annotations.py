@@ -109,6 +109,8 @@ def test_an_unreadable_file_is_reported_and_kept(tmp_path):
     store.path(key).write_bytes(b"not a zip file")
     with pytest.warns(UserWarning, match="could not be read"):
         assert store.load(key) is None
+    with pytest.raises(StructSAMError, match="could not be read"):
+        store.load(key, strict=True)
     assert store.path(key).exists()  # perhaps the only copy: never deleted
     assert store.list() == []
 

@@ -172,3 +172,20 @@ def test_volume_pre_encoded_by_structsam_embed_needs_no_encoder(tmp_path):
     assert not fresh.ensure_encoded(90).from_cache
     fresh_mask, _ = fresh.segment(90, Prompts(box=box))
     assert cached_mask.any() and np.array_equal(cached_mask, fresh_mask)
+
+
+def test_prompt_aware_box_overhanging_the_image_is_clipped_not_an_error(image):
+    """needs_encode -> _covered used to raise PromptError for a box past the image edge."""
+    from structsam.errors import PromptWarning
+
+    h, w = image.shape
+    s = Session(EncoderSettings(prompt_aware=True))
+    s.set_image(image)
+    over = Prompts(box=np.array([-20.0, -15.0, w + 12.0, h + 9.0]))
+    with pytest.warns(PromptWarning, match="clipped"):
+        s.ensure_encoded(0, over)
+    with pytest.warns(PromptWarning, match="clipped"):
+        assert s.needs_encode(0, over) is None  # the clipped box is what was protected
+    with pytest.warns(PromptWarning, match="clipped"):
+        mask, _ = s.segment(0, over)
+    assert mask.sum() > 100

@@ -190,3 +190,151 @@ def test_bad_image_is_reported_not_raised(make_napari_viewer, qtbot):
     assert "(Z, Y, X)" in widget.event_label.text()
     widget.segment()  # no traceback, a message
     assert "image" in widget.event_label.text()
+
+
+# ---------------------------------------------------------------------- reliability (issue 10)
+
+KILLED_SESSION = """
+import sys, time
+import napari
+from qtpy.QtWidgets import QApplication
+from napari_structsam._sample_data import mni152_slice_sample
+from napari_structsam._widget import StructSAMWidget
+
+viewer = napari.Viewer(show=False)
+data, meta, _ = mni152_slice_sample()[0]
+viewer.add_image(data, **meta)
+widget = StructSAMWidget(viewer)
+viewer.window.add_dock_widget(widget)
+for y0, y1, x0, x1 in ((60, 80, 70, 100), (120, 150, 40, 60)):
+    widget.session.mask_view()[y0:y1, x0:x1] = 1  # the object as drawn
+    widget.commit()  # [C]
+print(widget.event_label.text(), flush=True)
+print("COMMITTED", flush=True)
+while True:  # annotating on, until killed: no save, no close
+    QApplication.processEvents()
+    time.sleep(0.02)
+"""
+
+
+def test_objects_survive_a_killed_session_and_come_back_on_reopening(make_napari_viewer, qtbot):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_SESSION], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        lines = []
+        for line in child.stdout:  # the child commits two objects, then keeps running
+            lines.append(line)
+            if line.strip() == "COMMITTED":
+                break
+        assert lines and lines[-1].strip() == "COMMITTED", lines
+        assert "committed object 2" in lines[-2] and "saved to" in lines[-2]
+    finally:
+        os.kill(child.pid, signal.SIGKILL)  # a crash: no closeEvent, no atexit
+        child.wait(60)
+    assert child.returncode == -signal.SIGKILL
+
+    expected = np.zeros((233, 197), np.int32)
+    expected[60:80, 70:100] = 1
+    expected[120:150, 40:60] = 2
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, qtbot, mni152_slice_sample)  # the same image, reopened
+    assert np.array_equal(viewer.layers[L.OBJECTS].data, expected)
+    assert widget.event_label.text().startswith("restored 2 objects from ")
+    assert widget.event_label.text().endswith(".objects.npz")
+    # the next commit and its undo keep the file in step
+    widget.session.mask_view()[10:20, 10:20] = 1
+    widget.commit()
+    widget.undo()  # [Ctrl-Z]
+    widget.close_session()
+
+    # a user who already has labels in 'structsam objects' keeps them: restored objects fill
+    # only unlabelled pixels, under new labels
+    viewer = make_napari_viewer()
+    data, meta, _ = mni152_slice_sample()[0]
+    viewer.add_image(data, **meta)
+    mine = np.zeros_like(expected)
+    mine[55:70, 60:80] = 1
+    viewer.add_labels(mine.copy(), name=L.OBJECTS)
+    widget = StructSAMWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    objects = viewer.layers[L.OBJECTS].data
+    assert np.array_equal(objects[mine > 0], mine[mine > 0])
+    assert np.array_equal(objects == 3, expected == 2)  # restored, relabelled
+    assert np.array_equal(objects == 2, (expected == 1) & (mine == 0))
+    assert "restored 2 objects" in widget.event_label.text()
+    wait_idle(qtbot, widget)
+    widget.close_session()
+
+
+@pytest.mark.parametrize("prompt_aware", [False, True], ids=["plain", "prompt-aware"])
+def test_box_overhanging_every_edge_gives_a_mask(make_napari_viewer, qtbot, prompt_aware):
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, qtbot, mni152_slice_sample)
+    if prompt_aware:
+        widget.prompt_check.setChecked(True)  # through the checkbox's signal
+        assert widget.session.settings.uses_prompts
+        wait_idle(qtbot, widget)
+    height, width = widget.session.shape
+    with qtbot.capture_exceptions() as exceptions:
+        viewer.layers[L.BOXES].add_rectangles(np.array([[-15.0, -20.0], [height + 9, width + 12]]))
+        if prompt_aware:  # and a point beyond the right edge
+            viewer.layers[L.POINTS].add(np.array([[100.0, width + 30.0]]))
+        qtbot.waitUntil(lambda: viewer.layers[L.MASK].data.any(), timeout=WAIT_MS)
+        wait_idle(qtbot, widget)
+        qtbot.wait(100)  # let the last segment after the encode run
+    assert exceptions == []
+    text = widget.event_label.text()
+    assert "overhangs" in text and "clipped to (0, 0, 197, 233)" in text, text
+    if prompt_aware:
+        assert "moved onto its edge" in text
+        assert widget.last_encoding.prompts["box"].tolist() == [0, 0, width, height]
+    widget.close_session()
+
+
+def test_a_failing_callback_is_shown_not_raised(make_napari_viewer, qtbot, caplog):
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, qtbot, mni152_slice_sample)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("decoder exploded")
+
+    widget.session.segment = broken
+    with qtbot.capture_exceptions() as exceptions:
+        viewer.layers[L.BOXES].add_rectangles(BOX_YX)  # layer event -> timer -> segment
+        qtbot.waitUntil(lambda: "exploded" in widget.event_label.text(), timeout=10_000)
+    assert exceptions == []
+    assert "RuntimeError: decoder exploded" in widget.event_label.text()
+    assert "Traceback" in widget.event_label.toolTip()  # the full text, for a bug report
+    assert any("decoder exploded" in str(r.exc_info) for r in caplog.records)
+    widget.close_session()
+
+
+def test_closing_the_viewer_during_an_encode_is_clean(make_napari_viewer, qtbot, qtlog, caplog):
+    import gc
+
+    viewer = make_napari_viewer()
+    data, meta, _ = mni152_slice_sample()[0]
+    viewer.add_image(data, **meta)
+    widget = StructSAMWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="StructSAM")
+    runner = widget.runner
+    qtbot.waitUntil(lambda: runner.busy, timeout=5_000)
+    qtbot.wait(300)  # into the model load / encoder
+    job = runner.current
+    with qtbot.capture_exceptions() as exceptions:
+        viewer.close()
+        assert widget._closed  # the dock widget's destroyed signal shut it down
+        del widget
+        gc.collect()  # the widget and its workers' Python objects may go now
+        qtbot.wait(2_000)  # late worker signals, if any, would arrive here
+    assert exceptions == []
+    assert job.state == "cancelled" and runner.closed
+    assert not any(j.worker.is_running for j in runner.history)
+    assert not [r for r in qtlog.records if "deleted" in r.message.lower()]
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
