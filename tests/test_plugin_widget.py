@@ -248,9 +248,14 @@ def test_objects_survive_a_killed_session_and_come_back_on_reopening(make_napari
     assert widget.event_label.text().startswith("restored 2 objects from ")
     assert widget.event_label.text().endswith(".objects.npz")
     # the next commit and its undo keep the file in step
+    from structsam.annotations import AnnotationStore, image_key
+
+    store, key = AnnotationStore(), image_key(viewer.layers["MNI152 T1 axial slice"].data)
     widget.session.mask_view()[10:20, 10:20] = 1
     widget.commit()
+    assert store.load(key).count == 3
     widget.undo()  # [Ctrl-Z]
+    assert np.array_equal(store.load(key).objects, expected)
     widget.close_session()
 
     # a user who already has labels in 'structsam objects' keeps them: restored objects fill
@@ -297,7 +302,7 @@ def test_box_overhanging_every_edge_gives_a_mask(make_napari_viewer, qtbot, prom
     widget.close_session()
 
 
-def test_a_failing_callback_is_shown_not_raised(make_napari_viewer, qtbot, caplog):
+def test_a_failing_callback_is_shown_not_raised(make_napari_viewer, qtbot, caplog, tmp_path):
     viewer = make_napari_viewer()
     widget = open_widget(viewer, qtbot, mni152_slice_sample)
 
@@ -312,6 +317,17 @@ def test_a_failing_callback_is_shown_not_raised(make_napari_viewer, qtbot, caplo
     assert "RuntimeError: decoder exploded" in widget.event_label.text()
     assert "Traceback" in widget.event_label.toolTip()  # the full text, for a bug report
     assert any("decoder exploded" in str(r.exc_info) for r in caplog.records)
+
+    # an autosave folder that cannot be made: the commit stands, the failure is shown
+    (tmp_path / "a-file").write_text("")
+    widget.autosave_edit.setText(str(tmp_path / "a-file" / "objects"))
+    widget.autosave_edit.editingFinished.emit()
+    widget.session.mask_view()[10:20, 10:20] = 1
+    with qtbot.capture_exceptions() as exceptions:
+        widget.commit()
+    assert exceptions == []
+    assert viewer.layers[L.OBJECTS].data.max() == 1
+    assert "cannot create the annotation folder" in widget.event_label.text()
     widget.close_session()
 
 
