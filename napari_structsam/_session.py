@@ -54,6 +54,7 @@ class EncoderSettings:
     model: str = "litemedsam"
     checkpoint: str | None = None
     device: str = "cpu"
+    precision: str = "auto"
     method: str = "structsam"
     rate: float = DEFAULT_RATE
     prompt_aware: bool = False
@@ -68,7 +69,7 @@ class EncoderSettings:
 
     @property
     def model_key(self) -> tuple:
-        return (self.model, self.checkpoint, self.device)
+        return (self.model, self.checkpoint, self.device, self.precision)
 
     def unmerged(self) -> EncoderSettings:
         return replace(self, method="none", rate=0.0, prompt_aware=False)
@@ -323,7 +324,10 @@ class Session:
                 import structsam
 
                 model = structsam.load_model(
-                    settings.model, checkpoint=settings.checkpoint or None, device=settings.device
+                    settings.model,
+                    checkpoint=settings.checkpoint or None,
+                    device=settings.device,
+                    precision=settings.precision,
                 )
                 while len(_MODELS) >= 2:
                     _MODELS.popitem(last=False)
@@ -337,7 +341,9 @@ class Session:
         want = (settings.method, float(settings.rate)) if settings.merging else None
         if getattr(model, _PATCH_ATTR, "unset") != want:
             if want is None:
-                structsam.unpatch(model)
+                # unmerged = the same lean encoder at rate 0 (SAM ViT's fused attention), so
+                # the status line's ratio is merging's alone
+                structsam.patch(model, "structsam", 0.0)
             else:
                 structsam.patch(model, settings.method, settings.rate)
             setattr(model, _PATCH_ATTR, want)

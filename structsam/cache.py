@@ -192,6 +192,7 @@ def _patch_identity(model) -> dict[str, Any]:
         "merge_attention": state.merge_attention,
         "merge_mlp": state.merge_mlp,
         "queries": state.queries,
+        "recovery": state.recovery,
         "seed": _canonical(state.seed),
         "patch_prompts": _canonical(state.prompts),
     }
@@ -219,6 +220,7 @@ def key_fields(model, image, window=None, prompts=None) -> dict[str, Any]:
         "model": spec.name,
         "weights": weights_identity(model),
         "bn_folded": bool(getattr(model, "bn_folded", False)),
+        "precision": getattr(model, "precision", "fp32"),
         "patch": _patch_identity(model),
         "prompts": None if prompts is None else _canonical(prompts),
         "window": win,

@@ -99,7 +99,7 @@ def _check_settings(args) -> None:
     """Model, method, rate, device, checkpoint and output paths: all cheap, all before loading."""
     from . import io
     from .merge import METHODS
-    from .models.registry import MODELS, resolve_device
+    from .models.registry import MODELS, resolve_device, resolve_precision
 
     if args.model not in MODELS:
         raise StructSAMError(f"--model {args.model}: unknown model; available: {', '.join(MODELS)}")
@@ -117,7 +117,7 @@ def _check_settings(args) -> None:
             raise StructSAMError(
                 f"--prompt-aware: method {args.method!r} cannot protect prompts; use {aware}"
             )
-    resolve_device(args.device)
+    resolve_precision(args.precision, resolve_device(args.device))
     if args.checkpoint not in (None, "random") and not Path(args.checkpoint).is_file():
         raise StructSAMError(
             f"--checkpoint {args.checkpoint}: no such file (give a state-dict file or 'random')"
@@ -182,7 +182,10 @@ def cmd_segment(args) -> int:
         labels = np.array([1] * len(pos) + [0] * len(neg))
     box, points, labels = _check_prompts(box, points, labels, np.shape(image)[:2])
 
-    model = structsam.load_model(args.model, checkpoint=args.checkpoint, device=args.device)
+    model = structsam.load_model(
+        args.model, checkpoint=args.checkpoint, device=args.device, precision=args.precision
+    )
+    print(f"image encoder in {model.precision}", file=sys.stderr)
     if args.method != "none" and args.rate > 0:
         structsam.patch(model, args.method, args.rate)
     predictor = structsam.Predictor(model)
@@ -261,17 +264,32 @@ def cmd_evaluate(args) -> int:
 def cmd_speed(args) -> int:
     import torch
 
-    from .evaluate import speed_report, write_json
-    from .report import speed_table
+    from .evaluate import write_json
+    from .speed import speed_report, speed_table
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    res = speed_report(args.flops_reduction, repeats=args.repeats, vit=not args.no_vit)
+    models = [(m, "random" if m.startswith("vit") else None) for m in args.models.split(",")]
+    res = speed_report(
+        models,
+        cuts=_floats(args.cuts, "--cuts"),
+        precisions=tuple(args.precisions.split(",")),
+        device=args.device,
+        rounds=args.rounds,
+        method=args.method,
+        compile=args.compile,
+    )
     write_json(out / "speed.json", res)
     (out / "speed.md").write_text(speed_table(res))
-    print(speed_table(res))
     return 0
+
+
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise SystemExit(f"error: {option} {text}: give comma-separated numbers") from None
 
 
 def _bench_cases(args, quality: bool):
@@ -385,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--model", default="litemedsam")
     seg.add_argument("--checkpoint", default=None)
     seg.add_argument("--device", default="cpu")
+    seg.add_argument("--precision", default="auto", help="image encoder: auto, fp32, bf16, fp16")
     seg.add_argument("--method", default="structsam")
     seg.add_argument(
         "--rate",
@@ -409,12 +428,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=int, default=2)
     ev.add_argument("--out", default="eval_out")
     ev.set_defaults(func=cmd_evaluate)
-    sp = sub.add_parser("speed", help="encoder wall-clock, merged vs unmerged, side by side")
-    sp.add_argument("--flops-reduction", type=float, default=0.30)
-    sp.add_argument("--repeats", type=int, default=5)
+    sp = sub.add_parser(
+        "speed", help="encoder wall-clock: merged against the fastest dense encoder, interleaved"
+    )
+    sp.add_argument("--models", default="litemedsam,vit_b", help="vit_* use random weights")
+    sp.add_argument("--cuts", default="0.30,0.40", help="FLOPs cuts to calibrate merging to")
+    sp.add_argument("--precisions", default="fp32,bf16")
+    sp.add_argument("--compile", action="store_true", help="also time torch.compile'd encoders")
+    sp.add_argument("--method", default="structsam")
+    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--rounds", type=int, default=5)
     sp.add_argument("--threads", type=int, default=2)
-    sp.add_argument("--no-vit", action="store_true", help="skip SAM ViT-B (slow on a CPU)")
-    sp.add_argument("--out", default="eval_out")
+    sp.add_argument("--out", default="speed_out")
     sp.set_defaults(func=cmd_speed)
     be = sub.add_parser(
         "bench", help="all merge methods against the unmerged encoder, at matched FLOPs"
@@ -450,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--model", default="litemedsam")
     em.add_argument("--checkpoint", default=None)
     em.add_argument("--device", default="cpu")
+    em.add_argument("--precision", default="auto", help="image encoder: auto, fp32, bf16, fp16")
     em.add_argument("--method", default="structsam", help="merge method, or none")
     em.add_argument("--rate", type=float, default=DEFAULT_RATE)
     em.add_argument("--window", default=None, help="preset (ct-lung, mr-percentiles...) or L,H")

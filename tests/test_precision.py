@@ -1,0 +1,44 @@
+"""The image encoder's precision: a load-time setting, fp32 in and out, part of the cache key."""
+
+import numpy as np
+import pytest
+import torch
+
+import structsam
+from structsam.cache import embedding_key
+from structsam.errors import StructSAMError
+from structsam.models.registry import resolve_precision
+from structsam.samples import mni152_slice
+
+
+def test_precision_names_are_checked():
+    with pytest.raises(StructSAMError, match="unknown precision 'half'"):
+        resolve_precision("half", torch.device("cpu"))
+    with pytest.raises(StructSAMError, match="CUDA only"):
+        resolve_precision("fp16", torch.device("cpu"))
+    assert resolve_precision("auto", torch.device("cpu")) in ("fp32", "bf16")
+
+
+@pytest.mark.slow
+def test_bf16_encoder_keeps_fp32_interfaces_and_masks():
+    image = mni152_slice("axial", 80)
+    box = np.array([60.0, 70.0, 120.0, 130.0])
+    out = {}
+    for precision in ("fp32", "bf16"):
+        model = structsam.load_model("litemedsam", precision=precision)
+        assert model.precision == precision
+        assert next(model.image_encoder.parameters()).dtype == (
+            torch.bfloat16 if precision == "bf16" else torch.float32
+        )
+        assert next(model.mask_decoder.parameters()).dtype == torch.float32
+        structsam.patch(model, "structsam", 0.33)
+        predictor = structsam.Predictor(model)
+        assert predictor.precision == precision
+        predictor.set_image(image)
+        assert predictor.features.dtype == torch.float32
+        masks, _, _ = predictor.predict(box=box, multimask_output=False)
+        out[precision] = (masks[0], embedding_key(model, image))
+    (m32, k32), (m16, k16) = out["fp32"], out["bf16"]
+    iou = (m32 & m16).sum() / max((m32 | m16).sum(), 1)
+    assert m32.sum() > 100 and iou > 0.9
+    assert k32 != k16  # a bf16 embedding is never served for an fp32 request
