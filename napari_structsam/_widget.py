@@ -625,7 +625,7 @@ class StructSAMWidget(QWidget):
         """Index of the displayed slice along the image's first axis (0 for 2D images)."""
         if not self.session.is_3d or self.image_layer is None:
             return 0
-        pos = self.image_layer.world_to_data(self.viewer.dims.point)
+        pos = L.displayed_position(self.image_layer, self.viewer.dims.point)
         return int(np.clip(round(float(pos[0])), 0, self.session.n_slices - 1))
 
     def _plane_ok(self) -> bool:

@@ -26,24 +26,29 @@ MASKED_LOGIT = -30000.0
 
 @torch.library.custom_op("structsam::attention", mutates_args=())
 def fused_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, head_dim: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    head_dim: int,
 ) -> torch.Tensor:
-    """``scaled_dot_product_attention`` (scale 1) whose FLOPs count ``head_dim`` wide.
+    """``scaled_dot_product_attention`` whose FLOPs count ``head_dim`` wide.
 
     Folding position biases into q/k widens them (``sam_vit._folded_attention``); FLOPs are the
     model's, so the count uses its own head width. torch's counter does not count the fused CPU
     kernel at all, which would hide attention from every FLOPs cut.
     """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 @fused_attention.register_fake
-def _(q, k, v, mask, head_dim):
+def _(q, k, v, mask, scale, head_dim):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
 @register_flop_formula(torch.ops.structsam.attention)
-def _attention_flops(q_shape, k_shape, v_shape, mask_shape, head_dim, out_shape=None, **kw):
+def _attention_flops(q_shape, k_shape, v_shape, mask_shape, scale, head_dim, out_shape=None, **kw):
     *batch, sq, _ = q_shape
     return 4 * int(np.prod(batch)) * sq * k_shape[-2] * head_dim
 
@@ -204,13 +209,7 @@ def _attend(q, k, v, bias, key_bias, scale):
     w, h, sq, _ = q.shape
     sk = k.shape[2]
     bias = bias.add_(key_bias) if bias.shape == (w, h, sq, sk) else bias + key_bias
-    attn = torch.baddbmm(
-        bias.reshape(w * h, sq, sk),
-        q.reshape(w * h, sq, -1),
-        k.reshape(w * h, sk, -1).transpose(1, 2),
-        alpha=scale,
-    )
-    return (attn.softmax(dim=-1) @ v.reshape(w * h, sk, -1)).view(w, h, sq, -1)
+    return fused_attention(q, k, v, bias.to(q.dtype).clamp_min_(MASKED_LOGIT), scale, q.shape[-1])
 
 
 def reduced_attention(kv, splits, plan: Plan, scale: float, bias_fn, pad_kv=None, q=None):

@@ -228,4 +228,4 @@ def _folded_attention(attn, q, k, v, fold: dict) -> torch.Tensor:
     ext = fold["key_ext"]
     kf = torch.cat([k, ext.expand(n, heads, s, ext.shape[-1])], dim=-1)
     vf = F.pad(v, (0, ext.shape[-1]))
-    return fused_attention(qf, kf, vf, None, hd)[..., :hd]
+    return fused_attention(qf, kf, vf, None, 1.0, hd)[..., :hd]
