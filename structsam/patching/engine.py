@@ -209,7 +209,7 @@ def _attend(q, k, v, bias, key_bias, scale):
     w, h, sq, _ = q.shape
     sk = k.shape[2]
     bias = bias.add_(key_bias) if bias.shape == (w, h, sq, sk) else bias + key_bias
-    return fused_attention(q, k, v, bias.to(q.dtype).clamp_min_(MASKED_LOGIT), scale, q.shape[-1])
+    return fused_attention(q, k, v, bias.to(q.dtype), scale, q.shape[-1])
 
 
 def reduced_attention(kv, splits, plan: Plan, scale: float, bias_fn, pad_kv=None, q=None):
