@@ -24,6 +24,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--rate", type=float, default=None, help="default: DEFAULT_RATE")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if not os.environ.get("DISPLAY") and not os.environ.get("XVFB_CHILD"):
         if shutil.which("xvfb-run") is None:
@@ -38,6 +39,10 @@ def main() -> int:
     from structsam import DEFAULT_RATE
 
     rate = DEFAULT_RATE if args.rate is None else args.rate
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     viewer, widget = annotate(block=False)
     app = QApplication.instance()
     widget.cache_check.setChecked(False)
