@@ -24,7 +24,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--rate", type=float, default=None, help="default: DEFAULT_RATE")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
     args = parser.parse_args()
     if not os.environ.get("DISPLAY") and not os.environ.get("XVFB_CHILD"):
         if shutil.which("xvfb-run") is None:
