@@ -381,9 +381,7 @@ class StructSAMWidget(QWidget):
             precision=self.precision_combo.currentText(),
             method=method,
             rate=round(self.rate_slider.value() / RATE_STEPS, 4),
-            prompt_aware=bool(
-                self.prompt_check.isChecked() and info is not None and info.prompt_aware
-            ),
+            prompt_aware=bool(self.prompt_check.isChecked() and info is not None),
         )
 
     def set_rate(self, rate: float) -> None:
@@ -399,7 +397,7 @@ class StructSAMWidget(QWidget):
         self.rate_slider.setValue(min(old, top))
         self.rate_slider.blockSignals(False)
         self.rate_slider.setEnabled(info is not None)
-        self.prompt_check.setEnabled(info is not None and info.prompt_aware)
+        self.prompt_check.setEnabled(info is not None)
         self._rate_moved(self.rate_slider.value(), debounce=False)
 
     @_guarded

@@ -112,11 +112,6 @@ def _check_settings(args) -> None:
         from .patching.engine import check_rate
 
         check_rate(args.rate, METHODS[args.method], "--rate")
-        if args.prompt_aware and not METHODS[args.method].prompt_aware:
-            aware = ", ".join(name for name, m in METHODS.items() if m.prompt_aware)
-            raise StructSAMError(
-                f"--prompt-aware: method {args.method!r} cannot protect prompts; use {aware}"
-            )
     resolve_precision(args.precision, resolve_device(args.device))
     if args.checkpoint not in (None, "random") and not Path(args.checkpoint).is_file():
         raise StructSAMError(

@@ -167,8 +167,6 @@ class Predictor:
         override = state is not None and bool(prompts)
         used_prompts = None
         if override:
-            if not state.method.prompt_aware:
-                raise PromptError(f"method {state.method.name!r} is not prompt-aware")
             used_prompts = model_prompts(prompts, geometry)
         key = None
         if self.cache is not None:

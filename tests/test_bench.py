@@ -87,9 +87,15 @@ def test_case_prompt_box_point_and_jitter():
         case_prompt(case, "scribble")
 
 
-def test_plan_settings_gives_prompt_mode_only_to_prompt_aware_methods():
+def test_plan_settings_gives_every_method_both_modes():
+    # prompt protection is the engine's: every method runs prompt-aware too
     keys = [s.key for s in plan_settings(["structsam", "tome"], [0.3])]
-    assert keys == ["structsam/plain@0.30", "structsam/prompt@0.30", "tome/plain@0.30"]
+    assert keys == [
+        "structsam/plain@0.30",
+        "structsam/prompt@0.30",
+        "tome/plain@0.30",
+        "tome/prompt@0.30",
+    ]
 
 
 @pytest.mark.slow

@@ -115,7 +115,6 @@ BAD_CASES = {
     "tome rate 0.6": ({"--method": ["tome"], "--rate": ["0.6"]}, ["--rate", "[0, 0.5]"]),
     "method foo": ({"--method": ["foo"]}, ["--method foo", "none, structsam, tome"]),
     "model foo": ({"--model": ["foo"]}, ["--model foo", "litemedsam"]),
-    "not prompt-aware": ({"--method": ["tome"], "--prompt-aware": []}, ["--prompt-aware"]),
     "out format": ({"--out": ["{tmp}/m.jpg"]}, ["--out", ".png", ".nii.gz"]),
     "out folder missing": ({"--out": ["{tmp}/nope/m.png"]}, ["--out", "does not exist"]),
     "out is a folder": ({"--out": ["{tmp}/dir.png"]}, ["--out", "is a folder"]),

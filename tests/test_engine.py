@@ -259,3 +259,25 @@ def test_one_stage_one_rate(small_vit):
     unpatch(small_vit)
     patch(small_vit, "structsam", [0.3, 0.5, 0.3, 0.3], recovery="block")
     unpatch(small_vit)
+
+
+@pytest.mark.parametrize("method", sorted(merge.METHODS))
+def test_every_method_leaves_protected_tokens_alone(method, litemedsam, phantom):
+    # the engine's prompt protection: no protected token is a source or a destination
+    box = np.array([100.0, 90.0, 160.0, 170.0])  # model-input pixels (256 x 256)
+    info = merge.get_method(method)
+    patch(litemedsam, method, min(0.4, info.max_rate), prompts={"box": box})
+    try:
+        _run(litemedsam.image_encoder, phantom)
+        blocks = merge_state(litemedsam).info
+    finally:
+        unpatch(litemedsam)
+    assert blocks
+    for i in blocks:
+        grid = i.plan.grid
+        protect = merge.prompt_mask(grid, 256, {"box": box}).reshape(-1)
+        group = i.plan.group.view(-1)
+        sizes = torch.bincount(group)
+        assert (sizes[group[protect]] == 1).all()  # alone in their groups
+        assert i.protected.reshape(-1)[protect.numpy()].all()
+    assert any(i.tokens_after < i.tokens_before for i in blocks)

@@ -21,7 +21,9 @@ class MethodInfo:
     name: str
     fn: Callable
     max_rate: float  # largest removable fraction per merged block
-    prompt_aware: bool  # can protect prompt regions
+    # merges differently near prompts, beyond the protection every method gets from the engine
+    # (StructSAM: far background first)
+    prompt_extras: bool
     rate_meaning: str
 
 

@@ -13,7 +13,7 @@ from .tome import tome_merge
 from .tomesd import tomesd_merge
 from .vidtome import vidtome_merge
 
-# name, function, max_rate, prompt_aware, rate meaning
+# name, function, max_rate, prompt_extras, rate meaning
 BASELINES = (
     (
         "tome",
@@ -69,8 +69,8 @@ NAMES = tuple(entry[0] for entry in BASELINES)
 
 
 def register(methods: dict, method_info_cls) -> dict:
-    """Add the baselines to ``methods`` as ``method_info_cls(name, fn, max_rate, prompt_aware,
+    """Add the baselines to ``methods`` as ``method_info_cls(name, fn, max_rate, prompt_extras,
     rate_meaning)`` entries; returns ``methods``."""
-    for name, fn, max_rate, prompt_aware, meaning in BASELINES:
-        methods[name] = method_info_cls(name, fn, max_rate, prompt_aware, meaning)
+    for name, fn, max_rate, prompt_extras, meaning in BASELINES:
+        methods[name] = method_info_cls(name, fn, max_rate, prompt_extras, meaning)
     return methods

@@ -85,8 +85,6 @@ def patch(
     block_list = list(family.iter_blocks(encoder))
     rates = _rates(rate, blocks, len(block_list), info)
     rates = {i: r for i, r in rates.items() if r > 0}
-    if prompts is not None and not info.prompt_aware:
-        raise MergeError(f"method {method!r} is not prompt-aware")
     stages, stage_windows = {}, {}
     for i, stage, blk in block_list:
         stages[i] = stage

@@ -160,6 +160,8 @@ class MergeState:
             dst, protected = self.method.fn(
                 feat, grid, rate, protect, generator=gen, **self.options
             )
+            if protect is not None:
+                dst, protected = protect_tokens(dst, protected, protect.view(1, -1))
             self._assign[stage] = (dst, protected)
         key = (stage, window)
         if key not in self._plans:
@@ -179,6 +181,16 @@ class MergeState:
             dst = torch.arange(grid.n, device=device).expand(batch, -1)
             self._identity[key] = Plan.from_dst(dst, grid)
         return self._identity[key]
+
+
+def protect_tokens(dst, protected, protect):
+    """The engine's prompt protection, the same for every method: a protected token is never a
+    source nor a destination. It and every token that would merge into one stay their own
+    group (calibration at matched FLOPs then spends the budget elsewhere)."""
+    idx = torch.arange(dst.shape[1], device=dst.device).expand_as(dst)
+    protect = protect.expand_as(dst)
+    hit = protect | protect.gather(1, dst)
+    return torch.where(hit, idx, dst), protected | protect
 
 
 def _runs(stages: dict[int, int], rates: dict[int, float]) -> list[list[int]]:
