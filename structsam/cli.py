@@ -471,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--checkpoint", default=None)
     em.add_argument("--device", default="cpu")
     em.add_argument("--precision", default="auto", help="image encoder: auto, fp32, bf16, fp16")
+    em.add_argument(
+        "--compile", action="store_true", help="torch.compile the parts that never merge"
+    )
     em.add_argument("--method", default="structsam", help="merge method, or none")
     em.add_argument("--rate", type=float, default=DEFAULT_RATE)
     em.add_argument("--window", default=None, help="preset (ct-lung, mr-percentiles...) or L,H")

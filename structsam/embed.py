@@ -115,13 +115,16 @@ def build_model(
     rate=DEFAULT_RATE,
     device: str = "cpu",
     precision: str = "auto",
+    compile: bool = False,
     **options,
 ):
     """``load_model`` then ``patch`` (no patch for ``method`` ``None``/``"none"`` or rate 0)."""
     from .models import load_model
     from .patching import patch
 
-    m = load_model(model, checkpoint=checkpoint, device=device, precision=precision)
+    m = load_model(
+        model, checkpoint=checkpoint, device=device, precision=precision, compile=compile
+    )
     if method not in (None, "none") and (not isinstance(rate, int | float) or rate > 0):
         patch(m, method, rate, **options)
     return m
@@ -162,6 +165,7 @@ def embed_volume(
     window=None,
     device: str = "cpu",
     precision: str = "auto",
+    compile: bool = False,
     volume_index: int | None = None,
     slices=None,
     progress: ProgressArg = True,
@@ -187,7 +191,7 @@ def embed_volume(
     volume, name = load_volume(source, volume_index)
     win = resolve_window(window, volume)
     if isinstance(model, str):
-        model = build_model(model, checkpoint, method, rate, device, precision)
+        model = build_model(model, checkpoint, method, rate, device, precision, compile)
     predictor = Predictor(model, cache=cache)
     chosen = _slice_range(slices, volume.shape[0])
     result = EmbedResult(source=name, n_slices=len(chosen), window=win)
@@ -408,6 +412,7 @@ def run_cli(args) -> int:
         "window": args.window,
         "device": args.device,
         "precision": args.precision,
+        "compile": args.compile,
         "volume_index": args.volume,
         "slices": args.slices,
     }

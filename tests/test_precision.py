@@ -42,3 +42,18 @@ def test_bf16_encoder_keeps_fp32_interfaces_and_masks():
     iou = (m32 & m16).sum() / max((m32 | m16).sum(), 1)
     assert m32.sum() > 100 and iou > 0.9
     assert k32 != k16  # a bf16 embedding is never served for an fp32 request
+
+
+@pytest.mark.slow
+def test_compiled_static_parts_give_the_eager_encoder():
+    # compile=True compiles only what never merges: exact up to float rounding
+    from structsam.transforms import prepare_image
+
+    image = mni152_slice("axial", 80)
+    eager = structsam.load_model("litemedsam")
+    compiled = structsam.load_model("litemedsam", compile=True)
+    assert compiled.compiled and not getattr(eager, "compiled", False)
+    x, _ = prepare_image(image, eager.structsam_spec)
+    with torch.inference_mode():
+        a, b = eager.image_encoder(x), compiled.image_encoder(x)
+    assert (a - b).abs().max().item() < 1e-4

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Merged against the fastest dense encoder on one GPU: SAM ViT-B (random weights) and LiteMedSAM
-# at -30 % and -40 % encoder FLOPs, fp32 / bf16 / fp16, eager and torch.compile'd, interleaved
+# at -30 % and -40 % encoder FLOPs, fp32 / bf16 / fp16, eager and with the parts that never merge
+# torch.compile'd (load_model(compile=True)), interleaved
 # and synchronised (structsam speed). Writes gpu_speed/speed.{md,json} (or $OUT) and prints the
 # tables. Budget: about 5 minutes on an H100/H200 class GPU, most of it compilation.
 #

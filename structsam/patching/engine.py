@@ -39,7 +39,9 @@ def fused_attention(
     model's, so the count uses its own head width. torch's counter does not count the fused CPU
     kernel at all, which would hide attention from every FLOPs cut.
     """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    # contiguous whatever the kernel wrote: torch.compile assumes a custom op's output is
+    # (the fused CPU kernel writes (n, S, heads, d) in memory)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).contiguous()
 
 
 @fused_attention.register_fake
