@@ -199,34 +199,20 @@ class StructSAMWidget(QWidget):
             "(measured once), else fp32. Prompt encoder and mask decoder stay in fp32."
         )
         form.addRow("precision", self.precision_combo)
-        cache = QHBoxLayout()
-        self.cache_check = QCheckBox("on")
-        self.cache_check.setChecked(True)
-        self.cache_edit = QLineEdit()
-        self.cache_edit.setPlaceholderText("$STRUCTSAM_CACHE_DIR or ~/.cache/structsam")
-        tip = (
+        self.cache_check, self.cache_edit = _folder_row(
+            form,
+            "disk cache",
+            "$STRUCTSAM_CACHE_DIR or ~/.cache/structsam",
             "Embeddings are kept on disk (size-limited) and reused when the image, model, "
-            "method, rate and window are the same; `structsam embed` fills this cache"
+            "method, rate and window are the same; `structsam embed` fills this cache",
         )
-        self.cache_check.setToolTip(tip)
-        self.cache_edit.setToolTip(tip)
-        cache.addWidget(self.cache_check)
-        cache.addWidget(self.cache_edit)
-        form.addRow("disk cache", cache)
-        autosave = QHBoxLayout()
-        self.autosave_check = QCheckBox("on")
-        self.autosave_check.setChecked(True)
-        self.autosave_edit = QLineEdit()
-        self.autosave_edit.setPlaceholderText("<disk cache folder>/annotations")
-        tip = (
+        self.autosave_check, self.autosave_edit = _folder_row(
+            form,
+            "autosave objects",
+            "<disk cache folder>/annotations",
             "Every commit and undo is written at once to <folder>/<image hash>.objects.npz; "
-            "opening the same image again restores the objects (never over existing labels)"
+            "opening the same image again restores the objects (never over existing labels)",
         )
-        self.autosave_check.setToolTip(tip)
-        self.autosave_edit.setToolTip(tip)
-        autosave.addWidget(self.autosave_check)
-        autosave.addWidget(self.autosave_edit)
-        form.addRow("autosave objects", autosave)
         root.addWidget(box)
 
         box = QGroupBox("Token merging")
@@ -1105,3 +1091,17 @@ class StructSAMWidget(QWidget):
         for key, _ in KEYS.values():
             with contextlib.suppress(Exception):
                 viewer.bind_key(key, None)
+
+
+def _folder_row(form, label: str, placeholder: str, tip: str):
+    """An "on" box beside a folder field, as one form row; returns (check box, line edit)."""
+    row = QHBoxLayout()
+    check = QCheckBox("on")
+    check.setChecked(True)
+    edit = QLineEdit()
+    edit.setPlaceholderText(placeholder)
+    for w in (check, edit):
+        w.setToolTip(tip)
+        row.addWidget(w)
+    form.addRow(label, row)
+    return check, edit

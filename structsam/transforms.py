@@ -354,17 +354,23 @@ def validate_box(box, original_size) -> np.ndarray:
     clipped = flat.copy()
     clipped[:, 0::2] = np.clip(clipped[:, 0::2], 0, width)
     clipped[:, 1::2] = np.clip(clipped[:, 1::2], 0, height)
-    moved = np.abs(clipped - flat).max(axis=1) > PROMPT_TOLERANCE
+    _warn_moved(
+        flat,
+        clipped,
+        lambda a, b: f"box {a} overhangs the {width}x{height} (W x H) image; clipped to {b}",
+    )
+    return clipped.reshape(boxes.shape)
+
+
+def _warn_moved(before: np.ndarray, after: np.ndarray, message) -> None:
+    """One PromptWarning for the prompts (rows) that clipping moved by more than the tolerance;
+    ``message(before, after)`` words the first of them."""
+    moved = np.abs(after - before).max(axis=1) > PROMPT_TOLERANCE
     if moved.any():
         i = int(np.flatnonzero(moved)[0])
         more = f" (and {int(moved.sum()) - 1} more)" if moved.sum() > 1 else ""
-        warnings.warn(
-            f"box {_fmt(flat[i])} overhangs the {width}x{height} (W x H) image; clipped to "
-            f"{_fmt(clipped[i])}{more}",
-            PromptWarning,
-            stacklevel=2,
-        )
-    return clipped.reshape(boxes.shape)
+        # stacklevel 3: the caller of validate_box / validate_points
+        warnings.warn(message(_fmt(before[i]), _fmt(after[i])) + more, PromptWarning, stacklevel=3)
 
 
 def validate_points(coords, labels, original_size) -> tuple[np.ndarray, np.ndarray]:
@@ -407,14 +413,11 @@ def validate_points(coords, labels, original_size) -> tuple[np.ndarray, np.ndarr
         )
 
     clipped = np.stack([np.clip(pts[:, 0], 0, width), np.clip(pts[:, 1], 0, height)], axis=1)
-    moved = np.abs(clipped - pts).max(axis=1) > PROMPT_TOLERANCE
-    if moved.any():
-        i = int(np.flatnonzero(moved)[0])
-        more = f" (and {int(moved.sum()) - 1} more)" if moved.sum() > 1 else ""
-        warnings.warn(
-            f"point {_fmt(pts[i])} is outside the {width}x{height} (W x H) image; moved onto "
-            f"its edge at {_fmt(clipped[i])}{more}",
-            PromptWarning,
-            stacklevel=2,
-        )
+    _warn_moved(
+        pts,
+        clipped,
+        lambda a, b: (
+            f"point {a} is outside the {width}x{height} (W x H) image; moved onto its edge at {b}"
+        ),
+    )
     return clipped, lab.astype(np.int64)
