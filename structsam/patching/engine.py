@@ -33,20 +33,22 @@ def fused_attention(
     scale: float,
     head_dim: int,
 ) -> torch.Tensor:
-    """``scaled_dot_product_attention`` whose FLOPs count ``head_dim`` wide.
+    """``scaled_dot_product_attention`` of (n, heads, S, d) inputs, returned as (n, S, heads,
+    dv), contiguous: the fused CPU kernel writes that layout, so the reshape back to tokens is
+    free, and torch.compile takes a custom op's output to be contiguous. FLOPs count
+    ``head_dim`` wide.
 
     Folding position biases into q/k widens them (``sam_vit._folded_attention``); FLOPs are the
     model's, so the count uses its own head width. torch's counter does not count the fused CPU
     kernel at all, which would hide attention from every FLOPs cut.
     """
-    # contiguous whatever the kernel wrote: torch.compile assumes a custom op's output is
-    # (the fused CPU kernel writes (n, S, heads, d) in memory)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).contiguous()
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).contiguous()
 
 
 @fused_attention.register_fake
 def _(q, k, v, mask, scale, head_dim):
-    return q.new_empty(*q.shape[:-1], v.shape[-1])
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
 
 
 @register_flop_formula(torch.ops.structsam.attention)
@@ -228,7 +230,8 @@ def pack(t: torch.Tensor, packing: dict, fill: torch.Tensor | None = None) -> to
 
 
 def _attend(q, k, v, bias, key_bias, scale):
-    """softmax(q k^T * scale + bias + key_bias) v for (W, heads, S, d) slots."""
+    """softmax(q k^T * scale + bias + key_bias) v for (W, heads, S, d) slots -> (W, S, heads,
+    d)."""
     w, h, sq, _ = q.shape
     sk = k.shape[2]
     bias = bias.add_(key_bias) if bias.shape == (w, h, sq, sk) else bias + key_bias
@@ -262,9 +265,7 @@ def reduced_attention(kv, splits, plan: Plan, scale: float, bias_fn, pad_kv=None
         o = _attend(qs, ks, vs, bias, part["key_bias"], scale)
         if out is None:
             out = kv.new_empty(bk["rows"], kv.shape[1], o.shape[-1])
-        out[part["row"] : part["row"] + rows.shape[0]] = o.transpose(1, 2).reshape(
-            rows.shape[0], kv.shape[1], -1
-        )
+        out[part["row"] : part["row"] + rows.shape[0]] = o.reshape(rows.shape[0], kv.shape[1], -1)
     return out.index_select(0, bk["query_index"])
 
 
@@ -280,8 +281,8 @@ def _full_query_attention(kv, splits, plan, scale, bias_fn, pad_kv, q):
     cache = plan._cache.setdefault("full_bias_index", {})
     bias = bias_fn(qs, plan.full_query_pos(), pk["pos"], cache)
     out = _attend(qs, k, v, bias, plan.key_bias(), scale)
-    w, h, sq, _ = out.shape
-    return out.transpose(1, 2).reshape(w * sq, h, -1).index_select(0, plan.full_query_index())
+    w, sq, h, _ = out.shape
+    return out.reshape(w * sq, h, -1).index_select(0, plan.full_query_index())
 
 
 def check_rate(rate, method: MethodInfo, name: str = "rate") -> float:

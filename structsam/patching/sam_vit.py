@@ -165,7 +165,7 @@ def _window_attention(attn, qkv: torch.Tensor, plan) -> torch.Tensor:
         n, s, row = part["windows"], part["slots"], part["row"]
         q, k, v = buf[row : row + n * s].view(n, s, 3, heads, hd).permute(2, 0, 3, 1, 4)
         o = _folded_attention(attn, q, k, v, _fold_layout(part, plan.grid.win, qkv.dtype))
-        out[row : row + n * s] = o.transpose(1, 2).reshape(n * s, heads * hd)
+        out[row : row + n * s] = o.reshape(n * s, heads * hd)
     return out.index_select(0, bk["query_index"])
 
 
@@ -204,7 +204,8 @@ def _fold_layout(part: dict, size: int, dtype) -> dict:
 
 
 def _folded_attention(attn, q, k, v, fold: dict) -> torch.Tensor:
-    """softmax(q k^T * scale + rel-pos bias + log size) v for (n, heads, S, hd) windows.
+    """softmax(q k^T * scale + rel-pos bias + log size) v for (n, heads, S, hd) windows,
+    returned as (n, S, heads, hd).
 
     The bias is folded into extra q/k dimensions (``_fold_layout``) so attention is one fused
     ``scaled_dot_product_attention`` call. Measured on this CPU (2 threads, 12 heads x 4096
