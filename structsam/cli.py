@@ -112,7 +112,11 @@ def _check_settings(args) -> None:
         from .patching.engine import check_rate
 
         check_rate(args.rate, METHODS[args.method], "--rate")
-    resolve_precision(args.precision, resolve_device(args.device))
+    device = resolve_device(args.device)
+    try:
+        resolve_precision(args.precision, device)
+    except StructSAMError as exc:
+        raise StructSAMError(f"--precision {args.precision}: {exc}") from None
     if args.checkpoint not in (None, "random") and not Path(args.checkpoint).is_file():
         raise StructSAMError(
             f"--checkpoint {args.checkpoint}: no such file (give a state-dict file or 'random')"

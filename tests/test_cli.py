@@ -115,6 +115,8 @@ BAD_CASES = {
     "tome rate 0.6": ({"--method": ["tome"], "--rate": ["0.6"]}, ["--rate", "[0, 0.5]"]),
     "method foo": ({"--method": ["foo"]}, ["--method foo", "none, structsam, tome"]),
     "model foo": ({"--model": ["foo"]}, ["--model foo", "litemedsam"]),
+    "precision half": ({"--precision": ["half"]}, ["--precision half", "'bf16'"]),
+    "fp16 on a cpu": ({"--precision": ["fp16"]}, ["--precision fp16", "CUDA only"]),
     "out format": ({"--out": ["{tmp}/m.jpg"]}, ["--out", ".png", ".nii.gz"]),
     "out folder missing": ({"--out": ["{tmp}/nope/m.png"]}, ["--out", "does not exist"]),
     "out is a folder": ({"--out": ["{tmp}/dir.png"]}, ["--out", "is a folder"]),
