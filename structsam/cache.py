@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import time
 import warnings
 from dataclasses import dataclass
@@ -394,18 +393,10 @@ class EmbeddingCache:
 
     def put(self, key: str, entry: CacheEntry) -> Path:
         """Store ``entry`` under ``key`` atomically, then evict old entries over the limit."""
+        from .io import atomic_write
+
         path = self.path(key)
-        tmp = self.folder / f".{key}.{secrets.token_hex(6)}.tmp"
-        try:
-            with open(tmp, "xb") as fh:
-                torch.save(entry.to_dict(key), fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
+        atomic_write(path, lambda tmp: torch.save(entry.to_dict(key), tmp))
         self.evict(keep=key)
         return path
 

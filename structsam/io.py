@@ -834,10 +834,16 @@ def read_image(
 
 
 def _atomic_write(path: Path, writer: Callable[[Path], None]) -> None:
+    """:func:`atomic_write` with the temporary file named in ``path``'s format, for writers
+    that choose the format from the file name (nibabel, PIL)."""
+    atomic_write(path, writer, file_format(path))
+
+
+def atomic_write(path: Path, writer: Callable[[Path], None], suffix: str = "") -> None:
     """Write through ``writer`` into a hidden temporary file beside ``path``, flush it to disk,
-    then rename it over ``path``; the temporary file is removed if anything fails."""
-    ext = file_format(path)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp{ext}"
+    then rename it over ``path``; the temporary file is removed if anything fails. The one
+    atomic write of the package (labels, masks, cache entries, autosaved objects)."""
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp{suffix}"
     try:
         writer(tmp)
         with open(tmp, "rb+") as fh:
