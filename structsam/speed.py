@@ -80,15 +80,23 @@ def build_variants(
     rates = {cut: calibrate(probe, method, cut, images=[image]) for cut in cuts}
     log(f"{name}: rates {', '.join(f'{c:.0%} -> {r:.3f}' for c, r in rates.items())}")
 
-    variants = []
-    published = load("fp32", fold_batchnorm=False)
-    variants.append(Variant("published (fp32, as its authors build it)", "fp32", False))
-    variants[-1].fn, variants[-1].flops = published.image_encoder, encoder_flops(published, image)
+    variants, flops = [], {}
+
+    def add(label, model, merged, rate=0.0, compiled=False):
+        v = Variant(label, model.precision, merged, compiled, rate)
+        v.fn = model.image_encoder
+        key = (label, model.precision)
+        if compiled:  # same FLOPs as eager; counting would run under a dispatch mode
+            v.flops = flops[key]
+            v.compile_seconds = _first_call(v.fn, x, device)
+        else:
+            v.flops = flops[key] = encoder_flops(model, image)
+        variants.append(v)
+
+    add("published (fp32, as its authors build it)", load("fp32", fold_batchnorm=False), False)
     shipped = load("auto")
     patch(shipped, method, DEFAULT_RATE)
-    variants.append(Variant("shipped default", shipped.precision, True, rate=DEFAULT_RATE))
-    variants[-1].fn, variants[-1].flops = shipped.image_encoder, encoder_flops(shipped, image)
-    flops = {}
+    add("shipped default", shipped, True, DEFAULT_RATE)
     for precision in precisions:
         for compiled in (False, True) if compile else (False,):
             group = [] if compiled else [("stock", load(precision), False, 0.0)]
@@ -100,14 +108,7 @@ def build_variants(
                 patch(merged, method, rate)
                 group.append((f"merged -{cut:.0%}", merged, True, rate))
             for label, model, is_merged, rate in group:
-                v = Variant(label, precision, is_merged, compiled, rate)
-                v.fn = model.image_encoder
-                if compiled:  # same FLOPs as eager; counting would run under a dispatch mode
-                    v.flops = flops[(label, precision)]
-                    v.compile_seconds = _first_call(v.fn, x, device)
-                else:
-                    v.flops = flops[(label, precision)] = encoder_flops(model, image)
-                variants.append(v)
+                add(label, model, is_merged, rate, compiled)
     return variants, x
 
 

@@ -190,8 +190,8 @@ def _cpu_has_fast_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 where the device runs it fast (CUDA with bf16, a CPU with AMX or
-    AVX-512 bf16), else fp32. ``fp16`` is for CUDA only."""
+    """``auto`` -> bf16 where the device runs it fast (CUDA with bf16; a CPU where a timed bf16
+    matmul beats fp32, see ``_cpu_has_fast_bf16``), else fp32. ``fp16`` is for CUDA only."""
     if precision not in PRECISIONS:
         valid = ", ".join(repr(p) for p in PRECISIONS)
         raise StructSAMError(f"unknown precision {precision!r}; choose one of {valid}")
