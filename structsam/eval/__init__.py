@@ -1,0 +1,1 @@
+"""Evaluations that measure the library on data with known ground truth."""
