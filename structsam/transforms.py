@@ -421,3 +421,88 @@ def validate_points(coords, labels, original_size) -> tuple[np.ndarray, np.ndarr
         ),
     )
     return clipped, lab.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- square pixels
+
+
+@dataclass(frozen=True)
+class SquarePixels:
+    """Resampling of a slice with pixels of ``spacing`` = (dy, dx) to square pixels.
+
+    The finer spacing is kept and the coarser axis is upsampled (``square_shape``), so no detail
+    is lost and masks map back *exactly*: ``to_original(mask_to_square(m)) == m`` for every mask
+    ``m`` on the original grid. Pixel (i, j) covers [j, j+1] x [i, i+1] in both grids (the
+    module's convention), so the slice keeps its physical extent.
+    """
+
+    shape: tuple[int, int]
+    square_shape: tuple[int, int]
+
+    @classmethod
+    def for_slice(cls, shape, spacing=None) -> SquarePixels:
+        height, width = _check_size(shape)
+        if spacing is None:
+            return cls((height, width), (height, width))
+        dy, dx = (float(s) for s in spacing)
+        if not (math.isfinite(dy) and math.isfinite(dx) and dy > 0 and dx > 0):
+            raise StructSAMError(f"pixel spacing must be two positive numbers, got {spacing!r}")
+        pixel = min(dy, dx)
+        square = (max(1, round(height * dy / pixel)), max(1, round(width * dx / pixel)))
+        return cls((height, width), square)
+
+    @property
+    def identity(self) -> bool:
+        return self.shape == self.square_shape
+
+    def _nearest(self, n_from: int, n_to: int) -> np.ndarray:
+        # the source pixel holding each target pixel's centre, in integers (no rounding error)
+        return ((2 * np.arange(n_to) + 1) * n_from) // (2 * n_to)
+
+    def to_square(self, image: np.ndarray, order: int = 1) -> np.ndarray:
+        """(H, W[, C]) image -> square pixels: bilinear between pixel centres (``order=1``) or
+        the pixel under each new centre (``order=0``, for labels and masks)."""
+        image = np.asarray(image)
+        if self.identity:
+            return image
+        if order == 0:
+            rows = self._nearest(self.shape[0], self.square_shape[0])
+            cols = self._nearest(self.shape[1], self.square_shape[1])
+            return image[rows][:, cols]
+        values = image.astype(np.result_type(image.dtype, np.float32), copy=False)
+        for axis in (0, 1):
+            n, m = self.shape[axis], self.square_shape[axis]
+            u = (np.arange(m) + 0.5) * (n / m) - 0.5
+            lo, hi, frac = _linear_weights(u, n)
+            a, b = np.take(values, lo, axis=axis), np.take(values, hi, axis=axis)
+            frac = frac.astype(values.dtype).reshape((-1,) + (1,) * (values.ndim - 1 - axis))
+            values = a + (b - a) * frac
+        return values
+
+    def mask_to_square(self, mask: np.ndarray) -> np.ndarray:
+        return self.to_square(np.asarray(mask), order=0)
+
+    def to_original(self, mask: np.ndarray) -> np.ndarray:
+        """A (H', W') map on the square grid -> the original grid: each original pixel takes the
+        square pixel under its centre (which lies inside it, since square pixels are finer)."""
+        mask = np.asarray(mask)
+        if mask.shape[:2] != self.square_shape:
+            raise StructSAMError(f"expected a {self.square_shape} map, got {mask.shape[:2]}")
+        if self.identity:
+            return mask
+        rows = self._nearest(self.square_shape[0], self.shape[0])
+        cols = self._nearest(self.square_shape[1], self.shape[1])
+        return mask[rows][:, cols]
+
+    @property
+    def scale_xy(self) -> np.ndarray:
+        """Square-grid pixels per original pixel along x and y."""
+        return np.array(
+            [self.square_shape[1] / self.shape[1], self.square_shape[0] / self.shape[0]]
+        )
+
+    def points_to_square(self, coords_xy) -> np.ndarray:
+        return _as_float_array(coords_xy, "points", last=2) * self.scale_xy
+
+    def boxes_to_square(self, boxes) -> np.ndarray:
+        return _as_float_array(boxes, "boxes", last=4) * np.tile(self.scale_xy, 2)
