@@ -36,18 +36,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from .embedding import Embedding
 from .errors import StructSAMError
+from .identity import canonical, sha256_array
 from .transforms import Geometry
 
 __all__ = [
     "CACHE_DIR_ENV",
     "CACHE_SIZE_ENV",
-    "CacheEntry",
     "EmbeddingCache",
     "StoredMergeInfo",
     "default_cache_folder",
+    "embedding_from_dict",
     "embedding_key",
+    "entry_dict",
     "parse_size",
+    "settings_fields",
+    "settings_identity",
     "weights_identity",
 ]
 
@@ -56,7 +61,7 @@ CACHE_SIZE_ENV = "STRUCTSAM_CACHE_MAX_BYTES"
 DEFAULT_MAX_BYTES = 8 * 2**30
 # Bumped whenever the entry layout or anything that changes embeddings without changing the
 # settings above changes, so old entries are never served.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 _ENTRY = re.compile(r"^[0-9a-f]{64}\.pt$")
 _SUFFIX = ".pt"
 # Temporary files left by a killed writer are removed once they are this old (seconds).
@@ -89,33 +94,6 @@ def default_cache_folder() -> Path:
 
 
 # ----------------------------------------------------------------------------- key
-
-
-def _sha256_array(arr: np.ndarray) -> str:
-    arr = np.ascontiguousarray(arr)
-    h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
-    h.update(memoryview(arr.reshape(-1)).cast("B"))
-    return h.hexdigest()
-
-
-def _canonical(obj: Any) -> Any:
-    """A JSON-able, order-independent form of option values (floats keep their exact repr)."""
-    if obj is None or isinstance(obj, bool | int | str):
-        return obj
-    if isinstance(obj, float):
-        return repr(obj)
-    if isinstance(obj, np.generic):
-        return _canonical(obj.item())
-    if isinstance(obj, torch.Tensor):
-        obj = obj.detach().cpu().numpy()
-    if isinstance(obj, np.ndarray):
-        return {"array": _sha256_array(obj)}
-    if isinstance(obj, dict):
-        return {str(k): _canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(obj, list | tuple):
-        return [_canonical(v) for v in obj]
-    # anything else (a callable option...) is keyed by its repr, which is stable for functions
-    return {"repr": repr(obj)}
 
 
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
@@ -176,38 +154,17 @@ def weights_identity(model) -> str:
 
 
 def _patch_identity(model) -> dict[str, Any]:
-    from .patching import merge_state
+    from .patching import merge_config
 
-    state = merge_state(model)
-    if state is None:
-        return {"method": None}
-    return {
-        "method": state.method.name,
-        "rates": [[int(b), repr(float(r))] for b, r in sorted(state.rates.items())],
-        "stage_windows": _canonical(state.stage_windows),
-        "options": _canonical(state.options),
-        "prompt_margin": repr(state.prompt_margin),
-        "point_radius": repr(state.point_radius),
-        "merge_attention": state.merge_attention,
-        "merge_mlp": state.merge_mlp,
-        "queries": state.queries,
-        "recovery": state.recovery,
-        "seed": _canonical(state.seed),
-        "patch_prompts": _canonical(state.prompts),
-    }
+    config = merge_config(model)
+    return {"method": None} if config is None else config.identity()
 
 
-def key_fields(model, image, window=None, prompts=None) -> dict[str, Any]:
-    """The settings an embedding depends on, as a JSON-able dict (see the module docstring).
-
-    ``image`` is the array given to ``Predictor.set_image``; ``window`` the ``(low, high)``
-    pair or ``None``; ``prompts`` the prompts of a prompt-aware encode in model-input pixels
-    (``predictor.model_prompts``) that replaced the patch's own (``{}``: replaced by none),
-    ``None`` for an encode that used the patch's prompts (usually none)."""
+def settings_fields(model, window=None, prompts=None) -> dict[str, Any]:
+    """What an embedding depends on besides the image, JSON-able (arguments as for
+    :func:`key_fields`)."""
     from . import __version__
 
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
     spec = getattr(model, "structsam_spec", None)
     if spec is None:
         raise StructSAMError("this model was not built by structsam.load_model (no spec)")
@@ -215,21 +172,40 @@ def key_fields(model, image, window=None, prompts=None) -> dict[str, Any]:
     return {
         "format": CACHE_FORMAT,
         "structsam": __version__,
-        "image": _sha256_array(np.asarray(image)),
         "model": spec.name,
         "weights": weights_identity(model),
         "bn_folded": bool(getattr(model, "bn_folded", False)),
         "precision": getattr(model, "precision", "fp32"),
         "patch": _patch_identity(model),
-        "prompts": None if prompts is None else _canonical(prompts),
+        "prompts": None if prompts is None else canonical(prompts),
         "window": win,
     }
 
 
+def _digest(fields: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def settings_identity(model, window=None, prompts=None) -> str:
+    """SHA-256 of :func:`settings_fields` (``Embedding.settings``)."""
+    return _digest(settings_fields(model, window, prompts))
+
+
+def key_fields(model, image, window=None, prompts=None) -> dict[str, Any]:
+    """The settings an embedding depends on, as a JSON-able dict (see the module docstring).
+
+    ``image`` is the array given to ``Predictor.set_image``; ``window`` the ``(low, high)``
+    pair or ``None``; ``prompts`` the prompts of a prompt-aware encode in model-input pixels
+    (``embedding.model_prompts``) that replaced the patch's own (``{}``: replaced by none),
+    ``None`` for an encode that used the patch's prompts (usually none)."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    return {**settings_fields(model, window, prompts), "image": sha256_array(np.asarray(image))}
+
+
 def embedding_key(model, image, window=None, prompts=None) -> str:
     """The cache key (64 hex digits) of an encode; arguments as for :func:`key_fields`."""
-    fields = key_fields(model, image, window, prompts)
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    return _digest(key_fields(model, image, window, prompts))
 
 
 # ----------------------------------------------------------------------------- entries
@@ -250,76 +226,87 @@ class StoredMergeInfo:
     protected: np.ndarray
 
 
-@dataclass
-class CacheEntry:
-    features: torch.Tensor
-    geometry: Geometry
-    merge_info: list
-    encode_seconds: float
-
-    def to_dict(self, key: str) -> dict[str, Any]:
-        maps: list[torch.Tensor] = []
-        protected: list[torch.Tensor] = []
-        seen: dict[int, int] = {}
-        blocks = []
-        for info in self.merge_info:
-            # blocks of one stage share a plan: store its maps once
-            plan = getattr(info, "plan", info)
-            if id(plan) not in seen:
-                seen[id(plan)] = len(maps)
-                maps.append(torch.from_numpy(np.asarray(info.merge_map, dtype=np.int32)))
-                protected.append(torch.from_numpy(np.asarray(info.protected, dtype=bool)))
-            blocks.append(
-                {
-                    "block": int(info.block),
-                    "stage": int(info.stage),
-                    "grid_shape": [int(s) for s in info.grid_shape],
-                    "window": None if info.window is None else int(info.window),
-                    "tokens_before": int(info.tokens_before),
-                    "tokens_after": int(info.tokens_after),
-                    "maps": seen[id(plan)],
-                }
-            )
-        g = self.geometry
-        return {
-            "format": CACHE_FORMAT,
-            "key": key,
-            "features": self.features.detach().to("cpu", torch.float32).contiguous().clone(),
-            "geometry": [*g.original_size, *g.resized_size, g.model_size],
-            "encode_seconds": float(self.encode_seconds),
-            "blocks": blocks,
-            "merge_maps": maps,
-            "protected": protected,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], device) -> CacheEntry:
-        features = data["features"]
-        if not isinstance(features, torch.Tensor) or features.dtype != torch.float32:
-            raise ValueError("features are not a float32 tensor")
-        if features.ndim != 4 or features.shape[0] != 1:
-            raise ValueError(f"features have shape {tuple(features.shape)}")
-        oh, ow, rh, rw, size = (int(v) for v in data["geometry"])
-        maps, protected = data["merge_maps"], data["protected"]
-        infos = [
-            StoredMergeInfo(
-                block=int(b["block"]),
-                stage=int(b["stage"]),
-                grid_shape=(int(b["grid_shape"][0]), int(b["grid_shape"][1])),
-                window=b["window"],
-                tokens_before=int(b["tokens_before"]),
-                tokens_after=int(b["tokens_after"]),
-                merge_map=maps[b["maps"]].numpy().astype(np.int64),
-                protected=protected[b["maps"]].numpy(),
-            )
-            for b in data["blocks"]
-        ]
-        return cls(
-            features=features.to(device),
-            geometry=Geometry((oh, ow), (rh, rw), size),
-            merge_info=infos,
-            encode_seconds=float(data["encode_seconds"]),
+def _merge_maps(merge_info) -> tuple[list[dict], list[torch.Tensor], list[torch.Tensor]]:
+    """Per-block records and the maps they point to (blocks of one stage share a plan: its
+    maps are stored once)."""
+    maps: list[torch.Tensor] = []
+    protected: list[torch.Tensor] = []
+    seen: dict[int, int] = {}
+    blocks = []
+    for info in merge_info:
+        plan = getattr(info, "plan", info)
+        if id(plan) not in seen:
+            seen[id(plan)] = len(maps)
+            maps.append(torch.from_numpy(np.asarray(info.merge_map, dtype=np.int32)))
+            protected.append(torch.from_numpy(np.asarray(info.protected, dtype=bool)))
+        blocks.append(
+            {
+                "block": int(info.block),
+                "stage": int(info.stage),
+                "grid_shape": [int(s) for s in info.grid_shape],
+                "window": None if info.window is None else int(info.window),
+                "tokens_before": int(info.tokens_before),
+                "tokens_after": int(info.tokens_after),
+                "maps": seen[id(plan)],
+            }
         )
+    return blocks, maps, protected
+
+
+def entry_dict(embedding: Embedding, key: str) -> dict[str, Any]:
+    """What the cache file of ``embedding`` holds (plain tensors, lists and numbers)."""
+    blocks, maps, protected = _merge_maps(embedding.merge_info)
+    g = embedding.geometry
+    return {
+        "format": CACHE_FORMAT,
+        "key": key,
+        "model": embedding.model,
+        "settings": embedding.settings,
+        "features": embedding.features.detach().to("cpu", torch.float32).contiguous().clone(),
+        "geometry": [*g.original_size, *g.resized_size, g.model_size],
+        "encode_seconds": float(embedding.seconds),
+        "protection": [float(v) for v in embedding.protection],
+        "blocks": blocks,
+        "merge_maps": maps,
+        "protected": protected,
+    }
+
+
+def embedding_from_dict(data: dict[str, Any], device) -> Embedding:
+    """The ``Embedding`` of a cache file's contents (``from_cache`` set); ValueError when the
+    contents are not an entry."""
+    features = data["features"]
+    if not isinstance(features, torch.Tensor) or features.dtype != torch.float32:
+        raise ValueError("features are not a float32 tensor")
+    if features.ndim != 4 or features.shape[0] != 1:
+        raise ValueError(f"features have shape {tuple(features.shape)}")
+    oh, ow, rh, rw, size = (int(v) for v in data["geometry"])
+    maps, protected = data["merge_maps"], data["protected"]
+    infos = tuple(
+        StoredMergeInfo(
+            block=int(b["block"]),
+            stage=int(b["stage"]),
+            grid_shape=(int(b["grid_shape"][0]), int(b["grid_shape"][1])),
+            window=b["window"],
+            tokens_before=int(b["tokens_before"]),
+            tokens_after=int(b["tokens_after"]),
+            merge_map=maps[b["maps"]].numpy().astype(np.int64),
+            protected=protected[b["maps"]].numpy(),
+        )
+        for b in data["blocks"]
+    )
+    margin, radius = (float(v) for v in data["protection"])
+    return Embedding(
+        features=features.to(device),
+        geometry=Geometry((oh, ow), (rh, rw), size),
+        model=str(data["model"]),
+        settings=str(data["settings"]),
+        merge_info=infos,
+        seconds=float(data["encode_seconds"]),
+        protection=(margin, radius),
+        from_cache=True,
+        key=str(data["key"]),
+    )
 
 
 class EmbeddingCache:
@@ -360,7 +347,7 @@ class EmbeddingCache:
     def __contains__(self, key: str) -> bool:
         return self.path(key).is_file()
 
-    def get(self, key: str, device: str | torch.device = "cpu") -> CacheEntry | None:
+    def get(self, key: str, device: str | torch.device = "cpu") -> Embedding | None:
         """The entry for ``key``, or ``None`` (missing, or unreadable: then it is deleted)."""
         path = self.path(key)
         try:
@@ -374,7 +361,7 @@ class EmbeddingCache:
                 raise ValueError("unknown entry format")
             if data.get("key") != key:
                 raise ValueError("entry belongs to another key")
-            entry = CacheEntry.from_dict(data, device)
+            entry = embedding_from_dict(data, device)
         except Exception as exc:
             return self._drop(path, exc)
         with contextlib.suppress(OSError):
@@ -391,12 +378,13 @@ class EmbeddingCache:
             path.unlink()
         return None
 
-    def put(self, key: str, entry: CacheEntry) -> Path:
-        """Store ``entry`` under ``key`` atomically, then evict old entries over the limit."""
+    def put(self, key: str, embedding: Embedding) -> Path:
+        """Store ``embedding`` under ``key`` atomically, then evict old entries over the
+        limit."""
         from .io import atomic_write
 
         path = self.path(key)
-        atomic_write(path, lambda tmp: torch.save(entry.to_dict(key), tmp))
+        atomic_write(path, lambda tmp: torch.save(entry_dict(embedding, key), tmp))
         self.evict(keep=key)
         return path
 

@@ -9,6 +9,7 @@ are included; index bookkeeping (gather/scatter) costs no FLOPs in this count.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -16,7 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import MergeError
 from .merge import get_method
-from .patching import merge_state, patch, unpatch
+from .patching import patched
+from .patching import prompts as merge_prompts
 from .predictor import model_prompts, model_spec
 from .transforms import prepare_image
 
@@ -38,16 +40,9 @@ def encoder_flops(model, image=None, prompts: dict | None = None) -> int:
         image = default_images()[0]
     device = next(model.parameters()).device
     tensor, geometry = prepare_image(image, spec, device=device)
-    state = merge_state(model)
-    saved = state.prompts if state is not None else None
-    if state is not None and prompts:
-        state.prompts = model_prompts(prompts, geometry)
-    try:
-        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-            model.image_encoder(tensor)
-    finally:
-        if state is not None:
-            state.prompts = saved
+    protect = merge_prompts(model, model_prompts(prompts, geometry)) if prompts else nullcontext()
+    with protect, torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model.image_encoder(tensor)
     return int(counter.get_total_flops())
 
 
@@ -71,8 +66,8 @@ def calibrate(
 ) -> float:
     """The rate whose mean encoder-FLOPs cut over ``images`` is ``flops_reduction`` ± tolerance.
 
-    The model is left patched
-    with ``method`` at the returned rate. Raises ``MergeError`` if the target is out of reach.
+    The model is left as it was (patched or not); patch it with the returned rate to use it.
+    Raises ``MergeError`` if the target is out of reach.
     """
     info = get_method(method)
     images = list(images) if images is not None else default_images()
@@ -82,49 +77,52 @@ def calibrate(
     # the reference is the same implementation with nothing merged: SAM ViT's lean attention
     # skips the window padding that the stock block projects (2.6 % of ViT-B's FLOPs), and
     # that saving is not merging's
-    patch(model, method, 0.0, **options)
-    dense = [encoder_flops(model, im) for im in images]
+    with patched(model, method, 0.0, **options):
+        dense = [encoder_flops(model, im) for im in images]
 
     def cut(rate):
-        patch(model, method, rate, **options)
-        return mean_reduction(model, images, prompts, dense)
+        with patched(model, method, rate, **options):
+            return mean_reduction(model, images, prompts, dense)
 
+    return _search(cut, method, info.max_rate, flops_reduction, tolerance)
+
+
+def _search(cut, method: str, max_rate: float, target: float, tolerance: float) -> float:
+    """The rate where ``cut(rate)`` is ``target`` ± ``tolerance`` (regula falsi, Illinois)."""
     # the smallest rate that merges at all may already cut a lot: ALGM's similarity threshold
     # collapses every similar cell whatever the rate (30.7 % on the MNI slice)
     lo = MIN_RATE
     c_lo = cut(lo)
-    if c_lo > flops_reduction + tolerance:
-        unpatch(model)
+    if c_lo > target + tolerance:
         raise MergeError(
-            f"{method} cannot cut encoder FLOPs by as little as {flops_reduction:.0%}: at its "
+            f"{method} cannot cut encoder FLOPs by as little as {target:.0%}: at its "
             f"smallest rate ({lo}) it already cuts {c_lo:.1%} (its own threshold merges)"
         )
-    if abs(c_lo - flops_reduction) <= tolerance:
+    if abs(c_lo - target) <= tolerance:
         return lo
-    hi = info.max_rate
+    hi = max_rate
     c_hi = cut(hi)
-    if c_hi < flops_reduction - tolerance:
-        unpatch(model)
+    if c_hi < target - tolerance:
         raise MergeError(
-            f"{method} cannot cut encoder FLOPs by {flops_reduction:.0%}: at its largest rate "
+            f"{method} cannot cut encoder FLOPs by {target:.0%}: at its largest rate "
             f"({hi}) it cuts {c_hi:.1%}"
         )
-    if abs(c_hi - flops_reduction) <= tolerance:
+    if abs(c_hi - target) <= tolerance:
         return hi
     # the cut grows about linearly with the rate: regula falsi converges in a few steps
     side = 0
     for _ in range(25):
-        mid = hi - (c_hi - flops_reduction) * (hi - lo) / (c_hi - c_lo)
+        mid = hi - (c_hi - target) * (hi - lo) / (c_hi - c_lo)
         mid = min(max(mid, lo + 1e-4), hi - 1e-4)
         c = cut(mid)
-        if abs(c - flops_reduction) <= tolerance:
+        if abs(c - target) <= tolerance:
             return mid
-        if c < flops_reduction:
+        if c < target:
             lo, c_lo = mid, c
-            c_hi = c_hi / 2 + flops_reduction / 2 if side == -1 else c_hi  # Illinois step
+            c_hi = c_hi / 2 + target / 2 if side == -1 else c_hi  # Illinois step
             side = -1
         else:
             hi, c_hi = mid, c
-            c_lo = c_lo / 2 + flops_reduction / 2 if side == 1 else c_lo
+            c_lo = c_lo / 2 + target / 2 if side == 1 else c_lo
             side = 1
-    raise MergeError(f"calibration of {method} did not converge near {flops_reduction:.0%}")
+    raise MergeError(f"calibration of {method} did not converge near {target:.0%}")

@@ -1,21 +1,26 @@
 """``Predictor``: encode an image once, then answer box/point prompts with the mask decoder.
 
-Coordinates are the input image's pixels, ``(x, y)``, as in ``SamPredictor``. When the encoder is
-patched, ``merge_info`` tells per merged block what merging did, and ``map_to_image`` turns a
-token-grid map into image pixels for overlays.
+Coordinates are the input image's pixels, ``(x, y)``, as in ``SamPredictor``. ``encode`` returns
+an :class:`~structsam.embedding.Embedding` (a value: features, geometry, what merging did) and
+``predict(..., embedding=...)`` answers prompts from one, so embeddings can be kept, cached and
+shared; ``set_image`` keeps one in the predictor, as ``SamPredictor`` does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import torch
 
+from .embedding import Embedding, model_prompts
 from .errors import ImageError, PromptError, StructSAMError
-from .patching import merge_state
-from .transforms import Geometry, prepare_image, validate_box, validate_points
+from .patching import merge_config, merge_state
+from .patching import prompts as merge_prompts
+from .transforms import prepare_image, validate_box, validate_points
 from .windows import resolve_window
 
 
@@ -26,24 +31,7 @@ def model_spec(model):
     return spec
 
 
-def model_prompts(prompts: dict | None, geometry: Geometry) -> dict | None:
-    """Image-pixel prompts -> encoder-input pixels, validated."""
-    if not prompts:
-        return None
-    unknown = set(prompts) - {"box", "point_coords", "point_labels"}
-    if unknown:
-        raise PromptError(f"unknown prompt keys {sorted(unknown)}; use box, point_coords")
-    out = {}
-    if prompts.get("box") is not None:
-        out["box"] = geometry.boxes_to_model(validate_box(prompts["box"], geometry.original_size))
-    if prompts.get("point_coords") is not None:
-        labels = prompts.get("point_labels")
-        if labels is None:  # protection ignores the labels: any placeholder will do
-            labels = np.ones(len(np.atleast_2d(np.asarray(prompts["point_coords"], object))))
-        coords, _ = validate_points(prompts["point_coords"], labels, geometry.original_size)
-        out["point_coords"] = geometry.points_to_model(coords)
-    return out or None
-
+__all__ = ["Embedding", "Predictor", "model_prompts", "model_spec"]
 
 # Models fine-tuned on box prompts only: points alone often give nothing.
 BOX_TRAINED = ("litemedsam", "medsam")
@@ -116,9 +104,9 @@ def _flatness(image, window) -> str | None:
 class Predictor:
     """Encode an image once, then answer prompts.
 
-    ``cache``: an :class:`~structsam.cache.EmbeddingCache`; ``set_image`` then serves an image
-    already encoded with the same settings from it without running the encoder
-    (``from_cache`` says whether the last ``set_image`` did), and stores new encodes in it.
+    ``cache``: an :class:`~structsam.cache.EmbeddingCache`; ``encode``/``set_image`` then serve
+    an image already encoded with the same settings from it without running the encoder
+    (``Embedding.from_cache``), and store new encodes in it.
     """
 
     def __init__(self, model, cache=None):
@@ -126,26 +114,56 @@ class Predictor:
         self.spec = model_spec(model)
         self.device = next(model.parameters()).device
         self.cache = cache
-        self.features: torch.Tensor | None = None
-        self.geometry: Geometry | None = None
-        self.merge_info: list = []
-        self.encode_seconds: float | None = None
-        self.from_cache = False
-        self.cache_key: str | None = None
-        self.load_seconds: float | None = None  # time to load the last cache hit
+        self.embedding: Embedding | None = None
 
     @property
     def precision(self) -> str:
         """The image encoder's number format (``load_model(precision=...)``, ``auto`` resolved)."""
         return getattr(self.model, "precision", "fp32")
 
+    # the kept embedding's parts, as SamPredictor names them
     @property
     def is_image_set(self) -> bool:
-        return self.features is not None
+        return self.embedding is not None
+
+    @property
+    def features(self):
+        return None if self.embedding is None else self.embedding.features
+
+    @property
+    def geometry(self):
+        return None if self.embedding is None else self.embedding.geometry
+
+    @property
+    def merge_info(self) -> list:
+        return [] if self.embedding is None else list(self.embedding.merge_info)
+
+    @property
+    def encode_seconds(self) -> float | None:
+        return None if self.embedding is None else self.embedding.seconds
+
+    @property
+    def from_cache(self) -> bool:
+        return self.embedding is not None and self.embedding.from_cache
+
+    @property
+    def cache_key(self) -> str | None:
+        return None if self.embedding is None else self.embedding.key
 
     def set_image(self, image, window=None, prompts: dict | None = None) -> None:
-        """Encode ``image`` (2D, any numeric dtype, or RGB). ``prompts`` switch on prompt-aware
-        merging for this encode: tokens around them are protected.
+        """``encode`` and keep the result for ``predict``."""
+        self.embedding = self.encode(image, window, prompts)
+
+    def set_embedding(self, embedding: Embedding) -> None:
+        """Keep an embedding made before (by ``encode``, the cache, another predictor)."""
+        self.embedding = self._check_embedding(embedding)
+
+    def reset_image(self) -> None:
+        self.embedding = None
+
+    def encode(self, image, window=None, prompts: dict | None = None) -> Embedding:
+        """Encode ``image`` (2D, any numeric dtype, or RGB). ``prompts`` (image pixels) switch
+        on prompt-aware merging for this encode: tokens around them are protected.
 
         ``window``: ``(low, high)``, or a name that :func:`structsam.windows.resolve_window`
         knows (``"ct-lung"``...; ``"mr-percentiles"`` is then taken over this image only:
@@ -160,81 +178,105 @@ class Predictor:
             warnings.warn(
                 f"{flat}: the encoder sees no structure, so any mask is meaningless; check the "
                 "slice and the window",
-                stacklevel=2,
+                stacklevel=3,
             )
-        state = merge_state(self.model)
+        config = merge_config(self.model)
         # per-call prompts replace the patch's own for this encode (even when they are empty)
-        override = state is not None and bool(prompts)
-        used_prompts = None
-        if override:
-            used_prompts = model_prompts(prompts, geometry)
+        override = config is not None and bool(prompts)
+        used = model_prompts(prompts, geometry) if override else None
+        from .cache import settings_identity
+
+        key_prompts = (used or {}) if override else None
+        settings = settings_identity(self.model, window, key_prompts)
         key = None
         if self.cache is not None:
-            key_prompts = (used_prompts or {}) if override else None
             key = self.cache.key(self.model, image, window, key_prompts)
+            hit = self.cache.get(key, device=self.device)
+            if hit is not None and hit.geometry == geometry and hit.settings == settings:
+                return replace(hit, prompts=dict(prompts) if override else None)
+        protect = merge_prompts(self.model, used) if override else contextlib.nullcontext()
+        with protect, torch.inference_mode():
             start = time.perf_counter()
-            entry = self.cache.get(key, device=self.device)
-            if entry is not None and entry.geometry == geometry:
-                self.features = entry.features
-                self.geometry = geometry
-                self.merge_info = entry.merge_info
-                self.encode_seconds = entry.encode_seconds
-                self.from_cache, self.cache_key = True, key
-                self.load_seconds = time.perf_counter() - start
-                return
-        saved = state.prompts if state is not None else None
-        if override:
-            state.prompts = used_prompts
-        try:
-            with torch.inference_mode():
-                start = time.perf_counter()
-                features = self.model.image_encoder(tensor)
-                self.encode_seconds = time.perf_counter() - start
-        finally:
-            if state is not None:
-                state.prompts = saved
-        self.features = features
-        self.geometry = geometry
-        self.merge_info = list(state.info) if state is not None else []
-        self.from_cache, self.cache_key, self.load_seconds = False, key, None
+            features = self.model.image_encoder(tensor)
+            seconds = time.perf_counter() - start
+            state = merge_state(self.model)
+            info = tuple(state.info) if state is not None else ()
+        protection = (2.0, 3.0) if config is None else (config.prompt_margin, config.point_radius)
+        embedding = Embedding(
+            features, geometry, self.spec.name, settings, info, seconds,
+            dict(prompts) if override else None, protection, False, key,
+        )  # fmt: skip
         if key is not None:
-            self._store(key)
+            self._store(key, embedding)
+        return embedding
 
-    def _store(self, key: str) -> None:
-        from .cache import CacheEntry
-
-        entry = CacheEntry(self.features, self.geometry, self.merge_info, self.encode_seconds)
+    def _store(self, key: str, embedding: Embedding) -> None:
         try:
-            self.cache.put(key, entry)
+            self.cache.put(key, embedding)
         except OSError as exc:
             # the embedding is in memory and usable; only the cache copy is missing
             warnings.warn(
-                f"could not store the embedding in {self.cache.folder}: {exc}", stacklevel=3
+                f"could not store the embedding in {self.cache.folder}: {exc}", stacklevel=4
             )
 
-    def reset_image(self) -> None:
-        self.features = None
-        self.geometry = None
-        self.merge_info = []
-        self.from_cache = False
-        self.cache_key = None
+    def _check_embedding(self, embedding) -> Embedding:
+        if not isinstance(embedding, Embedding):
+            raise StructSAMError(
+                f"embedding must be a structsam Embedding, not {type(embedding).__name__}"
+            )
+        if embedding.model != self.spec.name:
+            raise StructSAMError(
+                f"this embedding was made by {embedding.model!r}; the {self.spec.name!r} "
+                "decoder cannot read it"
+            )
+        return embedding
 
     def map_to_image(self, grid_map: np.ndarray, order: int = 0) -> np.ndarray:
         """A token-grid map (e.g. ``merge_info[i].merge_map``) -> input-image pixels."""
-        if self.geometry is None:
+        if self.embedding is None:
             raise StructSAMError("call set_image first")
-        return self.geometry.grid_to_image(np.asarray(grid_map), order=order)
+        return self.embedding.map_to_image(grid_map, order)
 
-    def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=False):
+    def predict(
+        self, point_coords=None, point_labels=None, box=None, multimask_output=False,
+        embedding: Embedding | None = None,
+    ):  # fmt: skip
         """-> (masks (C, H, W) bool, scores (C,), low_res_logits (C, 256, 256)).
 
         ``box`` (4,) is one box; ``box`` (K, 4) gives K masks, batched: (K, C, H, W), (K, C)
         and (K, C, 256, 256). Points go with at most one box. Prompts beyond the image are
         clipped to it with a :class:`~structsam.errors.PromptWarning`; an empty mask warns.
+        ``embedding``: answer from this one (``encode``) instead of the ``set_image`` one.
         """
-        if self.features is None:
-            raise StructSAMError("call set_image before predict")
-        g = self.geometry
+        if embedding is None:
+            embedding = self.embedding
+            if embedding is None:
+                raise StructSAMError("call set_image before predict (or pass an embedding)")
+        else:
+            embedding = self._check_embedding(embedding)
+        g = embedding.geometry
+        points, boxes, batched = self._prompt_tensors(point_coords, point_labels, box, g)
+        with torch.inference_mode():
+            # the decoder repeats the embedding once per box
+            sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=None)
+            low_res, scores = self.model.mask_decoder(
+                image_embeddings=embedding.features,
+                image_pe=self.model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask_output,
+            )
+            logits = g.logits_to_image(low_res)
+        masks = (logits > 0.0).cpu().numpy()
+        scores, low_res = scores.cpu().numpy(), low_res.cpu().numpy()
+        self._warn_empty(masks, box is None)
+        if batched:
+            return masks, scores, low_res
+        return masks[0], scores[0], low_res[0]
+
+    def _prompt_tensors(self, point_coords, point_labels, box, g):
+        """Validated prompts as the prompt encoder's (points, boxes), and whether boxes were
+        batched."""
         points = boxes = None
         batched = False
         if point_coords is not None:
@@ -255,29 +297,16 @@ class Predictor:
             boxes = torch.as_tensor(b, dtype=torch.float32, device=self.device)
         if points is None and boxes is None:
             raise PromptError("give a prompt: box=(x0, y0, x1, y1) or point_coords with labels")
-        with torch.inference_mode():
-            # the decoder repeats the embedding once per box
-            sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=None)
-            low_res, scores = self.model.mask_decoder(
-                image_embeddings=self.features,
-                image_pe=self.model.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask_output,
-            )
-            logits = g.logits_to_image(low_res)
-        masks = (logits > 0.0).cpu().numpy()
-        scores, low_res = scores.cpu().numpy(), low_res.cpu().numpy()
+        return points, boxes, batched
+
+    def _warn_empty(self, masks, no_box: bool) -> None:
         empty = ~masks.any(axis=(1, 2, 3))
         if empty.any():
             n = len(masks)
             which = "the mask is" if n == 1 else f"{int(empty.sum())} of {n} masks are"
             hint = ""
-            if box is None and self.spec.name in BOX_TRAINED:
+            if no_box and self.spec.name in BOX_TRAINED:
                 hint = (
                     f"; {self.spec.name} was trained on boxes, points alone often fail: add a box"
                 )
-            warnings.warn(f"{which} empty{hint}", stacklevel=2)
-        if batched:
-            return masks, scores, low_res
-        return masks[0], scores[0], low_res[0]
+            warnings.warn(f"{which} empty{hint}", stacklevel=3)

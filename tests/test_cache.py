@@ -9,13 +9,13 @@ import torch
 
 import structsam
 from structsam.cache import (
-    CacheEntry,
     EmbeddingCache,
     default_cache_folder,
     embedding_key,
     parse_size,
     weights_identity,
 )
+from structsam.embedding import Embedding
 from structsam.errors import StructSAMError
 from structsam.samples import mni152_slice
 from structsam.transforms import Geometry
@@ -78,6 +78,34 @@ def test_second_set_image_is_served_from_the_cache(merged, image, tmp_path):
     assert len(cache.entries()) == 1
 
 
+def test_encode_returns_an_embedding_the_cache_gives_back(merged, image, tmp_path):
+    """One container: ``encode`` returns an Embedding, the cache stores and returns one, and
+    ``predict(embedding=...)`` answers from it without touching the predictor's own."""
+    cache = EmbeddingCache(tmp_path)
+    predictor = structsam.Predictor(merged, cache=cache)
+    made = predictor.encode(image, prompts={"box": BOX})
+    assert isinstance(made, Embedding) and not made.from_cache and not predictor.is_image_set
+    with pytest.raises(AttributeError):
+        made.seconds = 0.0  # frozen
+    served = cache.get(made.key)
+    assert isinstance(served, Embedding) and served.from_cache
+    assert served.settings == made.settings and served.geometry == made.geometry
+    assert served.protection == made.protection and served.prompts is None
+    again = predictor.encode(image, prompts={"box": BOX})  # a hit keeps the call's prompts
+    assert again.from_cache and again.prompts["box"].tolist() == BOX.tolist()
+    masks, _, _ = predictor.predict(box=BOX, embedding=served)
+    ref, _, _ = predictor.predict(box=BOX, embedding=made)
+    np.testing.assert_array_equal(masks, ref)
+    inside = BOX + np.array([2.0, 2.0, -2.0, -2.0])
+    assert again.covers({"box": inside}) and not again.covers({"box": [0, 0, 20, 20]})
+    other = structsam.Predictor(merged)
+    other.set_embedding(served)
+    np.testing.assert_array_equal(other.predict(box=BOX)[0], ref)
+    bad = Embedding(made.features, made.geometry, "vit_b", made.settings)
+    with pytest.raises(StructSAMError, match="made by 'vit_b'"):
+        predictor.predict(box=BOX, embedding=bad)
+
+
 def test_changed_settings_miss_the_cache(merged, image, tmp_path):
     cache = EmbeddingCache(tmp_path)
     predictor = structsam.Predictor(merged, cache=cache)
@@ -117,6 +145,9 @@ def test_every_setting_is_in_the_key(merged, image):
         {"method": "structsam", "rate": 0.3, "seed": 1},
         {"method": "structsam", "rate": 0.3, "prompt_margin": 3.0},
         {"method": "structsam", "rate": 0.3, "blocks": [0, 1, 2]},
+        {"method": "structsam", "rate": 0.3, "merge_mlp": False},  # engine options too
+        {"method": "structsam", "rate": 0.3, "recovery": "block"},
+        {"method": "structsam", "rate": 0.3, "coarse": 0},  # the method's own options
         {"method": "tome", "rate": 0.3},
         {"method": "none"},
     ):
@@ -167,7 +198,7 @@ def test_damaged_entry_is_a_miss_with_a_warning(merged, image, tmp_path):
 
 def small_entry(n=16):
     g = Geometry((8, 8), (8, 8), 8)
-    return CacheEntry(torch.full((1, 4, n, n), 1.5), g, [], 0.25)
+    return Embedding(torch.full((1, 4, n, n), 1.5), g, "litemedsam", "0" * 64, (), 0.25)
 
 
 def test_lru_eviction_over_the_size_limit(tmp_path):
@@ -185,7 +216,8 @@ def test_lru_eviction_over_the_size_limit(tmp_path):
     assert keys[1] not in cache and keys[2] not in cache
     assert (tmp_path / "notes.txt").exists()
     entry = cache.get(keys[3])
-    assert entry.encode_seconds == 0.25 and torch.equal(entry.features, small_entry().features)
+    assert entry.seconds == 0.25 and torch.equal(entry.features, small_entry().features)
+    assert entry.from_cache and entry.key == keys[3] and entry.model == "litemedsam"
 
 
 def test_interrupted_put_leaves_nothing(tmp_path, monkeypatch):

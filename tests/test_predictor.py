@@ -68,6 +68,8 @@ def test_encoder_flops_and_calibration(litemedsam):
     # 2 FLOPs per multiply-add; the measurements note has 75.0 GFLOP for LiteMedSAM
     assert abs(dense / 1e9 - 74.95) < 0.5
     rate = structsam.calibrate(litemedsam, "structsam", 0.2, images=[image])
+    assert structsam.merge_state(litemedsam) is None  # left as it was found
+    structsam.patch(litemedsam, "structsam", rate)
     cut = 1 - structsam.encoder_flops(litemedsam, image) / dense
     assert abs(cut - 0.2) <= 0.01
     assert 0 < rate < 0.75

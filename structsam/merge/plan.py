@@ -40,6 +40,11 @@ class Plan:
         src = torch.nonzero(~kept).squeeze(1)
         return cls(grid, b, group, rep, size, src, group[src], protected)
 
+    def memo(self, name: str) -> dict:
+        """A dict kept with this plan for values derived from it (e.g. a block family's
+        position-bias indices), so callers never reach into ``_cache``."""
+        return self._cache.setdefault(name, {})
+
     @property
     def n_tokens(self) -> int:
         return self.group.numel()

@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 import torch
 
 from ..errors import CheckpointError
+from .specs import MODELS, default_cache_dir
 
 DEFAULT_PREFIXES = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 
@@ -253,8 +254,6 @@ def check_state_dict(
 
 def _download_target(name_or_url: str, sha256: str | None) -> tuple[str, str, str | None]:
     """(url, file name, expected hash) for a model name or a URL."""
-    from .registry import MODELS
-
     if name_or_url in MODELS:
         spec = MODELS[name_or_url]
         if not spec.url:
@@ -304,8 +303,6 @@ def download_checkpoint(
     complete. A file already present is not downloaded again if it passes the hash check, or if
     no hash is known; one that fails the check is replaced.
     """
-    from .registry import default_cache_dir
-
     url, filename, expected = _download_target(name_or_url, sha256)
     expected = expected.lower() if expected else None
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from .swap import swap_class
 
 # Checked once per process: (path, size, mtime) of the bundled file that matched its hash.
 _BUNDLED_OK: set[tuple[str, int, int, str]] = set()
@@ -205,9 +206,6 @@ def _nhwc_conv_layer(self, h):
     return t.reshape(t.shape[0], -1, t.shape[-1])
 
 
-_NHWC_CLASSES: dict[type, type] = {}
-
-
 def channels_last_conv_stage(encoder) -> None:
     """Run TinyViT's patch embedding and conv stage in channels-last layout (needs folded BN)."""
     stage = encoder.layers[0]
@@ -217,10 +215,7 @@ def channels_last_conv_stage(encoder) -> None:
     if not all(type(c) is nn.Conv2d for c in convs) or stage.downsample is None:
         raise ValueError("the channels-last conv stage needs BatchNorm folded into the convs")
     for module, forward in ((encoder.patch_embed, _nhwc_patch_embed), (stage, _nhwc_conv_layer)):
-        cls = type(module)
-        if cls not in _NHWC_CLASSES:
-            _NHWC_CLASSES[cls] = type(f"ChannelsLast{cls.__name__}", (cls,), {"forward": forward})
-        module.__class__ = _NHWC_CLASSES[cls]
+        swap_class(module, forward, "ChannelsLast")
     for blk in stage.blocks:
         blk.conv2.to(memory_format=torch.channels_last)
     stage.downsample.conv2.to(memory_format=torch.channels_last)

@@ -6,14 +6,18 @@ merges; weights and modules are untouched, so ``unpatch`` leaves the model exact
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
 
 from ..errors import MergeError
 from ..merge import get_method
+from ..models.swap import restore_class, swap_class
 from . import sam_vit, tinyvit
-from .engine import BlockMergeInfo, MergeState, check_rate
+from .engine import BlockMergeInfo, MergeConfig, MergeState, check_rate
 
-_SUBCLASSES: dict[type, type] = {}
+_TAG = "Merged"  # the class-swap tag of merging (models.swap)
 
 
 def _encoder_of(model):
@@ -31,17 +35,6 @@ def _family(encoder):
 def _encoder_forward(self, x):
     self._structsam_state.begin_forward()
     return self._structsam_orig_class.forward(self, x)
-
-
-def _swap(module, forward, dense_attr=None):
-    cls = type(module)
-    key = (cls, forward)
-    if key not in _SUBCLASSES:
-        attrs = {"forward": forward, "_structsam_orig_class": cls}
-        if dense_attr:
-            attrs[dense_attr] = cls.forward
-        _SUBCLASSES[key] = type(f"Merged{cls.__name__}", (cls,), attrs)
-    module.__class__ = _SUBCLASSES[key]
 
 
 def _rates(rate, blocks, n_blocks, info) -> dict[int, float]:
@@ -73,8 +66,9 @@ def patch(
 
     ``rate``: a float for every block, a per-block sequence, or ``{block: rate}``. ``blocks``:
     which blocks merge (default all). ``prompts``: ``{"box": ..., "point_coords": ...}`` in
-    model-input pixels for prompt-aware methods (``Predictor.set_image`` sets them per image).
-    Other keywords go to the method. Patching again replaces the earlier patch.
+    model-input pixels for prompt-aware methods (``with prompts(model, ...)`` or
+    ``Predictor.encode(..., prompts=...)`` replace them for one encode). Other keywords go to the
+    method. The configuration is fixed (:class:`MergeConfig`); patching again replaces it.
     """
     unpatch(model)
     encoder = _encoder_of(model)
@@ -99,25 +93,37 @@ def patch(
         else:
             stage_windows.setdefault(stage, None)
     input_size = int(getattr(encoder, "img_size", 1024))
-    state = MergeState(info, rates, stages, stage_windows, input_size, options, prompts, seed)
-    for i, _, blk in block_list:
-        blk._structsam_state = state
-        blk._structsam_index = i
-        _swap(blk, family.merged_forward, "_structsam_dense_forward")
-    encoder._structsam_state = state
-    _swap(encoder, _encoder_forward_for(family, state))
+    precision = getattr(model, "precision", "fp32")
+    config = MergeConfig.build(
+        info, rates, stages, stage_windows, input_size, options, prompts, seed, precision
+    )
+    _install(model, config)
     return model
 
 
-def _encoder_forward_for(family, state: MergeState):
+def _install(model, config: MergeConfig) -> None:
+    """Swap the encoder's and its blocks' classes for merging ones sharing a fresh state."""
+    encoder = _encoder_of(model)
+    family = _family(encoder)
+    forward = _encoder_forward_for(family, config)  # checks before anything changes
+    unpatch(model)
+    state = MergeState(config)
+    for i, _, blk in family.iter_blocks(encoder):
+        blk._structsam_state = state
+        blk._structsam_index = i
+        swap_class(blk, family.merged_forward, _TAG, "_structsam_dense_forward")
+    encoder._structsam_state = state
+    swap_class(encoder, forward, _TAG)
+
+
+def _encoder_forward_for(family, config: MergeConfig):
     """The family's merge-once-per-stage forward where it has one and the options allow it."""
     stage_path = getattr(family, "encoder_forward", None)
     # these ablations need per-token values inside a stage, so they merge around every block
-    ablation = state.queries == "full" or not state.merge_mlp or not state.merge_attention
-    if stage_path is None or state.recovery == "block" or ablation:
+    if stage_path is None or config.recovery == "block" or config.ablation:
         return _encoder_forward
-    for run in state.runs:
-        rates = {state.rates.get(b, 0.0) for b in run}
+    for run in config.runs:
+        rates = {config.rates.get(b, 0.0) for b in run}
         if len(rates) > 1:
             raise MergeError(
                 f"blocks {run[0]}..{run[-1]} share one merge (one stage) but have rates "
@@ -137,9 +143,7 @@ def unpatch(model):
     """Remove any patch; the model computes exactly as before ``patch``."""
     encoder = _encoder_of(model)
     for module in encoder.modules():
-        orig = getattr(type(module), "_structsam_orig_class", None)
-        if orig is not None:
-            module.__class__ = orig
+        restore_class(module, _TAG)
         for attr in ("_structsam_state", "_structsam_index"):
             if attr in module.__dict__:
                 delattr(module, attr)
@@ -147,7 +151,72 @@ def unpatch(model):
 
 
 def merge_state(model) -> MergeState | None:
+    """The patch's state (read it; change it only through this package)."""
     return getattr(_encoder_of(model), "_structsam_state", None)
 
 
-__all__ = ["BlockMergeInfo", "MergeState", "merge_state", "patch", "unpatch"]
+def merge_config(model) -> MergeConfig | None:
+    """The fixed configuration of ``model``'s patch, None when it is not patched."""
+    state = merge_state(model)
+    return None if state is None else state.config
+
+
+@contextmanager
+def prompts(model, model_prompts: Mapping | None) -> Iterator[None]:
+    """Protect ``model_prompts`` (model-input pixels; None: nothing) in the forwards run inside
+    the block, instead of the patch's own prompts. Nothing happens on an unpatched model."""
+    state = merge_state(model)
+    if state is None:
+        yield
+        return
+    saved = state._call_prompts
+    state._call_prompts = None if model_prompts is None else dict(model_prompts)
+    try:
+        yield
+    finally:
+        state._call_prompts = saved
+
+
+@contextmanager
+def recording(model) -> Iterator[dict[int, torch.Tensor]]:
+    """``with recording(model) as feats:`` each forward inside fills ``feats`` with every merged
+    stage's input (image 0, fp32, (H, W, C)) keyed by stage; empty on an unpatched model."""
+    state = merge_state(model)
+    feats: dict[int, torch.Tensor] = {}
+    if state is None:
+        yield feats
+        return
+    saved = state._recording
+    state._recording = feats
+    try:
+        yield feats
+    finally:
+        state._recording = saved
+
+
+@contextmanager
+def patched(model, method: str = "structsam", rate=0.5, **kwargs) -> Iterator[object]:
+    """``patch`` for the duration of the block; the model's earlier patch (or none) after."""
+    before = merge_config(model)
+    patch(model, method, rate, **kwargs)
+    try:
+        yield model
+    finally:
+        if before is None:
+            unpatch(model)
+        else:
+            _install(model, before)
+
+
+__all__ = [
+    "BlockMergeInfo",
+    "MergeConfig",
+    "MergeState",
+    "merge_config",
+    "merge_state",
+    "patch",
+    "patched",
+    "prompts",
+    "recording",
+    "unpatch",
+]

@@ -9,7 +9,10 @@ group's update back to every member token, so the output keeps its full grid.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from ..errors import MergeError
+from ..identity import canonical
 from ..merge import Grid, MethodInfo, Plan, prompt_mask
 
 # Logit of an empty key slot: exp() of it is 0 in every float type, and unlike -inf it stays
@@ -89,56 +93,144 @@ class BlockMergeInfo:
         return p[0].view(self.grid_shape).cpu().numpy()
 
 
-class MergeState:
-    """Configuration of one patch plus the per-forward plans and diagnostics."""
+_OPTION_DEFAULTS = {
+    "prompt_margin": 2.0,
+    "point_radius": 3.0,
+    "merge_attention": True,
+    "merge_mlp": True,
+    "queries": "reduced",
+    "recovery": "stage",
+}
 
-    def __init__(
-        self,
-        method: MethodInfo,
-        rates: dict[int, float],
-        stages: dict[int, int],
-        stage_windows: dict[int, int | None],
-        input_size: int,
-        options: dict,
-        prompts: dict | None = None,
-        seed: int = 0,
-    ):
-        self.method = method
-        self.rates = rates
-        self.stages = stages
-        self.stage_windows = stage_windows
-        self.input_size = input_size
-        self.options = dict(options)
-        self.prompt_margin = float(self.options.pop("prompt_margin", 2.0))
-        self.point_radius = float(self.options.pop("point_radius", 3.0))
-        # which parts of a block run on reduced tokens (ablations; both by default)
-        self.merge_attention = bool(self.options.pop("merge_attention", True))
-        self.merge_mlp = bool(self.options.pop("merge_mlp", True))
-        # "reduced": queries are the group means too; "full": every token queries the reduced
-        # keys/values, so attention outputs stay per token
-        self.queries = self.options.pop("queries", "reduced")
-        if self.queries not in ("reduced", "full"):
-            raise MergeError(f"queries must be 'reduced' or 'full', got {self.queries!r}")
-        # "stage": merge once per run of merged blocks of a stage; "block": around every block
-        self.recovery = self.options.pop("recovery", "stage")
-        if self.recovery not in ("stage", "block"):
-            raise MergeError(f"recovery must be 'stage' or 'block', got {self.recovery!r}")
-        self.prompts = prompts
-        self.seed = seed
-        # blocks in forward order, cut where the stage or merged/dense changes (stage path)
-        self.runs = _runs(stages, rates)
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """What one ``patch`` set, fixed for the life of the patch (``identity`` keys caches).
+
+    ``options`` are the method's own keywords; the engine's (prompt margins, the ablations
+    ``merge_attention``/``merge_mlp``/``queries`` and ``recovery``) are fields of their own.
+    """
+
+    method: MethodInfo
+    rates: Mapping[int, float]  # merged blocks only (rate > 0)
+    stages: Mapping[int, int]
+    stage_windows: Mapping[int, int | None]
+    input_size: int
+    options: Mapping[str, Any]
+    prompts: Mapping[str, Any] | None = None  # the patch's own, in model-input pixels
+    seed: int = 0
+    precision: str = "fp32"
+    prompt_margin: float = 2.0
+    point_radius: float = 3.0
+    # which parts of a block run on reduced tokens (ablations; both by default)
+    merge_attention: bool = True
+    merge_mlp: bool = True
+    # "reduced": queries are the group means too; "full": every token queries the reduced
+    # keys/values, so attention outputs stay per token
+    queries: str = "reduced"
+    # "stage": merge once per run of merged blocks of a stage; "block": around every block
+    recovery: str = "stage"
+    # blocks in forward order, cut where the stage or merged/dense changes (stage path)
+    runs: tuple[tuple[int, ...], ...] = ()
+
+    @classmethod
+    def build(cls, method, rates, stages, stage_windows, input_size, options, prompts=None,
+              seed=0, precision="fp32") -> MergeConfig:  # fmt: skip
+        """Split the engine's options from the method's and check them."""
+        options = dict(options)
+        engine = {k: options.pop(k, v) for k, v in _OPTION_DEFAULTS.items()}
+        if engine["queries"] not in ("reduced", "full"):
+            raise MergeError(f"queries must be 'reduced' or 'full', got {engine['queries']!r}")
+        if engine["recovery"] not in ("stage", "block"):
+            raise MergeError(f"recovery must be 'stage' or 'block', got {engine['recovery']!r}")
+        rates = {int(b): float(r) for b, r in rates.items()}
+        return cls(
+            method=method,
+            rates=MappingProxyType(rates),
+            stages=MappingProxyType(dict(stages)),
+            stage_windows=MappingProxyType(dict(stage_windows)),
+            input_size=int(input_size),
+            options=MappingProxyType(options),
+            prompts=None if prompts is None else MappingProxyType(dict(prompts)),
+            seed=seed,
+            precision=str(precision),
+            prompt_margin=float(engine["prompt_margin"]),
+            point_radius=float(engine["point_radius"]),
+            merge_attention=bool(engine["merge_attention"]),
+            merge_mlp=bool(engine["merge_mlp"]),
+            queries=engine["queries"],
+            recovery=engine["recovery"],
+            runs=tuple(tuple(r) for r in _runs(stages, rates)),
+        )
+
+    @property
+    def ablation(self) -> bool:
+        """Options that need per-token values inside a stage (the per-block path)."""
+        return self.queries == "full" or not self.merge_mlp or not self.merge_attention
+
+    def identity(self) -> dict[str, Any]:
+        """Everything the encoder output depends on, JSON-able (floats by their exact repr)."""
+        return {
+            "method": self.method.name,
+            "rates": [[b, repr(r)] for b, r in sorted(self.rates.items())],
+            "stage_windows": canonical(dict(self.stage_windows)),
+            "input_size": self.input_size,
+            "options": canonical(dict(self.options)),
+            "prompts": canonical(None if self.prompts is None else dict(self.prompts)),
+            "seed": canonical(self.seed),
+            "precision": self.precision,
+            "prompt_margin": repr(self.prompt_margin),
+            "point_radius": repr(self.point_radius),
+            "merge_attention": self.merge_attention,
+            "merge_mlp": self.merge_mlp,
+            "queries": self.queries,
+            "recovery": self.recovery,
+        }
+
+
+# "the patch's own prompts": a per-call override may also be None (protect nothing)
+_PATCH_PROMPTS = object()
+
+
+class MergeState:
+    """One patch's fixed ``config`` plus the per-forward plans and diagnostics.
+
+    Only ``structsam.patching`` changes it: per-call prompts through
+    :func:`structsam.patching.prompts`, feature recording through
+    :func:`structsam.patching.recording`; a forward rebuilds the plans and ``info``.
+    """
+
+    def __init__(self, config: MergeConfig):
+        self.config = config
+        self._call_prompts = _PATCH_PROMPTS
         self._identity: dict[tuple, Plan] = {}
         self._grids: dict[tuple, Grid] = {}
         self.info: list[BlockMergeInfo] = []
-        # diagnostics (spectral distortion): keep each stage's first block input, image 0
-        self.record_features = False
-        self.features: dict[int, torch.Tensor] = {}
+        # diagnostics (spectral distortion): each stage's first block input, image 0
+        self._recording: dict[int, torch.Tensor] | None = None
         self._assign: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._plans: dict[tuple[int, int | None], Plan] = {}
 
+    # the configuration, read by the patched forwards
+    @property
+    def rates(self) -> Mapping[int, float]:
+        return self.config.rates
+
+    @property
+    def runs(self) -> tuple[tuple[int, ...], ...]:
+        return self.config.runs
+
+    @property
+    def prompts(self) -> Mapping[str, Any] | None:
+        """The prompts the next forward protects (model-input pixels)."""
+        if self._call_prompts is _PATCH_PROMPTS:
+            return self.config.prompts
+        return self._call_prompts
+
     def begin_forward(self) -> None:
         self.info = []
-        self.features = {}
+        if self._recording is not None:
+            self._recording.clear()
         self._assign.clear()
         self._plans.clear()
 
@@ -146,28 +238,13 @@ class MergeState:
         self, block: int, x: torch.Tensor, height: int, width: int, window: int | None
     ) -> Plan | None:
         """The plan for ``block`` (None: run it dense). ``x`` is the (B, N, C) block input."""
-        rate = self.rates.get(block, 0.0)
+        cfg = self.config
+        rate = cfg.rates.get(block, 0.0)
         if rate <= 0:
             return None
-        stage = self.stages[block]
+        stage = cfg.stages[block]
         if stage not in self._assign:
-            grid = self.grid(height, width, self.stage_windows[stage], x.device)
-            protect = None
-            if self.prompts:
-                protect = prompt_mask(
-                    grid, self.input_size, self.prompts, self.prompt_margin, self.point_radius
-                )
-            gen = torch.Generator(device=x.device).manual_seed(self.seed + block)
-            # decisions in fp32 whatever the encoder runs in, so precision does not move them
-            feat = x.detach().float().view(x.shape[0], height, width, -1)
-            if self.record_features:
-                self.features[stage] = feat[0].clone()
-            dst, protected = self.method.fn(
-                feat, grid, rate, protect, generator=gen, **self.options
-            )
-            if protect is not None:
-                dst, protected = protect_tokens(dst, protected, protect.view(1, -1))
-            self._assign[stage] = (dst, protected)
+            self._assign[stage] = self._assignment(block, stage, rate, x, height, width)
         key = (stage, window)
         if key not in self._plans:
             dst, protected = self._assign[stage]
@@ -176,6 +253,33 @@ class MergeState:
         plan = self._plans[key]
         self.info.append(BlockMergeInfo(block, stage, (height, width), window, plan))
         return plan
+
+    def _assignment(self, block, stage, rate, x, height, width):
+        """The method's (dst, protected) for a stage, with the engine's prompt protection."""
+        cfg = self.config
+        grid = self.grid(height, width, cfg.stage_windows[stage], x.device)
+        protect = None
+        prompts = self.prompts
+        if prompts:
+            protect = prompt_mask(
+                grid, cfg.input_size, prompts, cfg.prompt_margin, cfg.point_radius
+            )
+        gen = torch.Generator(device=x.device).manual_seed(cfg.seed + block)
+        # decisions in fp32 whatever the encoder runs in, so precision does not move them
+        feat = x.detach().float().view(x.shape[0], height, width, -1)
+        if self._recording is not None:
+            self._recording[stage] = feat[0].clone()
+        # methods that schedule over depth (PiToMe's margin, ALGM's global stage) learn where
+        # the stage starts: its first block and the encoder's block count
+        depth = (
+            {"depth": (block, len(cfg.stages))} if getattr(cfg.method.fn, "depth_aware", 0) else {}
+        )
+        dst, protected = cfg.method.fn(
+            feat, grid, rate, protect, generator=gen, **depth, **cfg.options
+        )
+        if protect is not None:
+            dst, protected = protect_tokens(dst, protected, protect.view(1, -1))
+        return dst, protected
 
     def grid(self, height: int, width: int, window, device) -> Grid:
         """Grids (and their cached index tensors) kept across forwards: they depend only on
@@ -278,7 +382,7 @@ def _full_query_attention(kv, splits, plan, scale, bias_fn, pad_kv, q):
     qs = q.new_zeros(n_win * g.win**2, *q.shape[1:])
     qs.index_copy_(0, plan.full_query_index(), q)
     qs = qs.view(n_win, g.win**2, *q.shape[1:]).transpose(1, 2)
-    cache = plan._cache.setdefault("full_bias_index", {})
+    cache = plan.memo("full_bias_index")
     bias = bias_fn(qs, plan.full_query_pos(), pk["pos"], cache)
     out = _attend(qs, k, v, bias, plan.key_bias(), scale)
     w, sq, h, _ = out.shape

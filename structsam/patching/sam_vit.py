@@ -71,13 +71,13 @@ def merged_forward(self, x: torch.Tensor) -> torch.Tensor:
     if plan is None:
         return self._structsam_dense_forward(x)
     attn = self.attn
-    if not state.merge_attention:
+    if not state.config.merge_attention:
         # every token through the same lean attention, merged for the MLP only
         dense = state.identity_plan(b, h, w, window, x.device)
         o = _window_attention(attn, attn.qkv(self.norm1(x.reshape(-1, c))), dense)
         x = x + attn.proj(o).view(b, h, w, c)
         xr = plan.merge(x.view(b, h * w, c))
-    elif state.queries == "full":
+    elif state.config.queries == "full":
         # queries for every token, keys/values for the groups: attention stays per token
         heads = attn.num_heads
         hd = c // heads
@@ -102,7 +102,7 @@ def merged_forward(self, x: torch.Tensor) -> torch.Tensor:
         # merge(x + unmerge(o)) == merge(x) + o, so the MLP input needs no second merge
         xr = xr + o
         x = x + plan.unmerge(o).view(b, h, w, c)
-    if not state.merge_mlp:
+    if not state.config.merge_mlp:
         return x + self.mlp(self.norm2(x))
     return x + plan.unmerge(self.mlp(self.norm2(xr))).view(b, h, w, c)
 
@@ -116,7 +116,7 @@ def encoder_forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.pos_embed
     b, h, w, c = x.shape
     flat = x.reshape(b, h * w, c)
-    for run in state.runs:
+    for run in state.config.runs:
         first = self.blocks[run[0]]
         stage_plan = state.plan_for(run[0], flat, h, w, first.window_size or None)
         if stage_plan is None:

@@ -68,17 +68,17 @@ def merged_forward(self, x: torch.Tensor) -> torch.Tensor:
     b, n, c = x.shape
     attn = self.attn
 
-    if not state.merge_attention:
+    if not state.config.merge_attention:
         x = x + self.drop_path(_dense_attention(self, x))
     else:
-        o = _merged_attention(attn, x, plan, state.queries == "full")
-        x = x + self.drop_path(o if state.queries == "full" else plan.unmerge(o))
+        o = _merged_attention(attn, x, plan, state.config.queries == "full")
+        x = x + self.drop_path(o if state.config.queries == "full" else plan.unmerge(o))
 
     x = x.transpose(1, 2).reshape(b, c, h, w)
     x = self.local_conv(x)
     x = x.view(b, c, n).transpose(1, 2)
 
-    if not state.merge_mlp:
+    if not state.config.merge_mlp:
         return x + self.drop_path(self.mlp(x))
     # x is the local conv's fresh output here, so the residual can be added in place
     return x.add_(self.drop_path(plan.unmerge(self.mlp(plan.merge(x)))))
