@@ -7,6 +7,7 @@ Public API (imported lazily, so ``import structsam`` does not load torch)::
     predictor = structsam.Predictor(model)
     predictor.set_image(image, prompts={"box": box})
     masks, scores, logits = predictor.predict(box=box)
+    result = structsam.propagate(predictor, volume, z, box=box, axis=0)  # result.mask: 3D bool
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ _LAZY = {
     "encoder_flops": "structsam.flops",
     "calibrate": "structsam.flops",
     "PromptWarning": "structsam.errors",
+    "propagate": "structsam.interactive.propagate",
 }
 
 __all__ = sorted(_LAZY)
