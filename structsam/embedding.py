@@ -8,7 +8,7 @@ per slice. It is frozen: a new encode makes a new value.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -50,19 +50,21 @@ class Embedding:
     ``merge_map``, ``protected``). ``seconds``: the encoder's wall-clock time (of the original
     encode, for a cache hit). ``prompts``: the image-pixel prompts that prompt-aware merging
     protected, None for a plain encode; ``protection``: the patch's (margin, point radius) in
-    tokens. ``from_cache``/``key``: served by the disk cache / its key there.
+    tokens. ``from_cache``/``key``: served by the disk cache / its key there. ``precision``:
+    the encoder's number format.
     """
 
     features: Any
     geometry: Geometry
     model: str
     settings: str
-    merge_info: tuple = ()
+    merge_info: list = field(default_factory=list)  # read-only by convention
     seconds: float = 0.0
     prompts: Mapping | None = None
     protection: tuple[float, float] = (2.0, 3.0)
     from_cache: bool = False
     key: str | None = None
+    precision: str = "fp32"  # the image encoder's number format
 
     def map_to_image(self, grid_map: np.ndarray, order: int = 0) -> np.ndarray:
         """A token-grid map (e.g. ``merge_info[i].merge_map``) -> input-image pixels."""

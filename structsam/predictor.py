@@ -200,11 +200,11 @@ class Predictor:
             features = self.model.image_encoder(tensor)
             seconds = time.perf_counter() - start
             state = merge_state(self.model)
-            info = tuple(state.info) if state is not None else ()
+            info = list(state.info) if state is not None else []
         protection = (2.0, 3.0) if config is None else (config.prompt_margin, config.point_radius)
         embedding = Embedding(
             features, geometry, self.spec.name, settings, info, seconds,
-            dict(prompts) if override else None, protection, False, key,
+            dict(prompts) if override else None, protection, False, key, self.precision,
         )  # fmt: skip
         if key is not None:
             self._store(key, embedding)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from test_io import COL_MM, ROW_MM, SLICE_MM, write_dicom_series
 
+from napari_structsam import _io as pio
 from napari_structsam import _layers as L
 from napari_structsam._io import write_labels as plugin_writer
 from napari_structsam._launch import open_file
@@ -244,7 +245,7 @@ def test_4d_and_5d_nifti_open_with_the_first_volume(make_napari_viewer, tmp_path
     assert image.name == f"series (volume 0 of {n})"
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # an explicit volume needs no notice
-        [(second, kwargs, _)] = sio.read_layer_data(path, volume_index=1)
+        [(second, kwargs, _)] = pio.read_layer_data(path, volume_index=1)
     np.testing.assert_array_equal(second, sio.read_volume(path, volume_index=1)[0])
     # labels drawn on a volume of the series save against the (4D) source header
     objects = L.ensure_layers(viewer, image, image.data.shape)[L.OBJECTS]
@@ -261,7 +262,7 @@ def test_labels_drawn_on_the_mni_sample_save_in_mni_space(tmp_path):
     [(vol, meta, _)] = mni152_volume_sample()  # Y flipped for display
     labels = np.zeros(vol.shape, np.uint8)
     labels[60, 30, 90] = 1
-    [out] = sio.write_labels_layer(tmp_path / "m.nii.gz", labels, meta)
+    [out] = pio.write_labels_layer(tmp_path / "m.nii.gz", labels, meta)
     template = nib.as_closest_canonical(datasets.load_mni152_template(resolution=1))
     saved = nib.load(out)
     # the labelled voxel is the template voxel the sample showed there

@@ -8,6 +8,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+from napari_structsam import _io as pio
 from structsam import io as sio
 from structsam.errors import ImageError
 from structsam.io import read_image, read_volume, write_mask
@@ -610,18 +611,18 @@ def test_interrupted_label_save_keeps_the_old_file(tmp_path, monkeypatch):
 def test_layer_data_has_the_spacing_as_scale_and_writes_back(tmp_path):
     data = np.random.default_rng(11).normal(size=(5, 6, 7)).astype(np.float32)
     src = save_nifti(tmp_path / "scan.nii.gz", data)
-    [(vol, kwargs, kind)] = sio.read_layer_data(src)
+    [(vol, kwargs, kind)] = pio.read_layer_data(src)
     assert kind == "image" and kwargs["name"] == "scan"
     assert kwargs["scale"] == pytest.approx((3.0, 1.5, 2.0))
     labels = (vol > 0).astype(np.int32)
     # what a napari writer receives: the labels layer's data and attributes
-    [path] = sio.write_labels_layer(tmp_path / "seg.nii.gz", labels, kwargs)
+    [path] = pio.write_labels_layer(tmp_path / "seg.nii.gz", labels, kwargs)
     back, _, affine = sio.read_labels(path)
     np.testing.assert_array_equal(back, labels)
     np.testing.assert_array_equal(nib.load(path).affine, PLS_AFFINE)
 
     folder = write_dicom_series(tmp_path / "dcm", dicom_volume())
-    [(vol, kwargs, _)] = sio.read_layer_data(folder)
+    [(vol, kwargs, _)] = pio.read_layer_data(folder)
     assert kwargs["scale"] == pytest.approx((SLICE_MM, ROW_MM, COL_MM))
     assert vol.shape == (4, 6, 5)
 
@@ -632,7 +633,7 @@ def test_corrupt_volume_gives_a_message_not_a_traceback(tmp_path):
     with pytest.raises(ImageError, match=r"c\.nii\.gz: cannot read the file.*truncated"):
         read_volume(path)
     with pytest.raises(ImageError, match=r"c\.nii\.gz"):
-        sio.read_layer_data(path)
+        pio.read_layer_data(path)
 
 
 def test_wrong_shape_is_refused_for_every_kind_of_reference(tmp_path):
@@ -640,15 +641,14 @@ def test_wrong_shape_is_refused_for_every_kind_of_reference(tmp_path):
     vol, _, affine = read_volume(src)
     folder = write_dicom_series(tmp_path / "ct", dicom_volume())
     series, _, series_meta = sio.read_dicom_series(folder)
-    [(_, kwargs, _)] = sio.read_layer_data(src)
     wrong = np.zeros((2, 3, 4), np.uint8)
     references = {
         "NIfTI file": (src, {}),
         "nibabel image": (nib.load(src), {}),
         "affine array": (affine, {"shape": vol.shape}),
         "DICOM folder": (folder, {}),
-        "layer metadata": (kwargs["metadata"], {}),
-        "DICOM layer metadata": (sio.read_layer_data(folder)[0][1]["metadata"], {}),
+        "source geometry": (sio.read_source_volume(src)[1], {}),
+        "DICOM source geometry": (sio.read_source_volume(folder)[1], {}),
     }
     for kind, (reference, extra) in references.items():
         with pytest.raises(ImageError, match="does not match"):
@@ -670,12 +670,14 @@ def test_labels_never_overwrite_their_source(tmp_path):
     before = src.read_bytes()
     vol, _, _ = read_volume(src)
     labels = np.ones(vol.shape, np.uint8)
-    [(_, kwargs, _)] = sio.read_layer_data(src)
-    for reference in (src, str(src), nib.load(src), kwargs["metadata"]):
+    [(_, kwargs, _)] = pio.read_layer_data(src)
+    geometry = sio.read_source_volume(src)[1]
+    assert pio.geometry_from_metadata(kwargs["metadata"]).source == geometry.source
+    for reference in (src, str(src), nib.load(src), geometry):
         with pytest.raises(ImageError, match="is the source scan.*src_labels.nii.gz"):
             sio.write_labels(src, labels, reference)
     with pytest.raises(ImageError, match="is the source scan"):
-        sio.write_labels_layer(src, labels, kwargs)
+        pio.write_labels_layer(src, labels, kwargs)
     assert src.read_bytes() == before
 
 
@@ -683,7 +685,7 @@ def test_layer_writer_refuses_labels_without_source_geometry(tmp_path):
     labels = np.ones((3, 4, 5), np.uint8)
     meta = {"name": "drawn", "scale": (3.0, 1.0, 1.0), "metadata": {}}
     with pytest.raises(ImageError, match="'drawn' carries no source geometry"):
-        sio.write_labels_layer(tmp_path / "l.nii.gz", labels, meta)
+        pio.write_labels_layer(tmp_path / "l.nii.gz", labels, meta)
     assert not list(tmp_path.iterdir())
 
 

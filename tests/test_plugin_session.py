@@ -13,7 +13,7 @@ from napari_structsam._session import (
     Session,
     SessionError,
 )
-from structsam.metrics import iou
+from structsam.eval.metrics import iou
 from structsam.samples import mni152_slice
 
 # the frontal horns of the lateral ventricles and the caudate heads in the axial sample slice

@@ -10,7 +10,7 @@ from napari_structsam import _layers as L
 from napari_structsam._sample_data import mni152_slice_sample, mni152_volume_sample
 from napari_structsam._session import EncoderSettings, Prompts, Session
 from napari_structsam._widget import StructSAMWidget
-from structsam.metrics import iou
+from structsam.eval.metrics import iou
 
 BOX_YX = np.array([[65.0, 78.0], [100.0, 118.0]])  # ventricles/caudate in the axial sample
 WAIT_MS = 240_000  # a loaded 2-core machine encodes in seconds, not milliseconds

@@ -5,8 +5,9 @@ import pytest
 
 import structsam
 from structsam.errors import ImageError, MergeError, PromptError, StructSAMError
-from structsam.metrics import dice, iou
-from structsam.samples import mni152_slice, phantom_cases
+from structsam.eval.metrics import dice, iou
+from structsam.eval.synthetic import phantom_cases
+from structsam.samples import mni152_slice
 
 
 @pytest.fixture(scope="module")

@@ -163,6 +163,9 @@ class MergeConfig:
             runs=tuple(tuple(r) for r in _runs(stages, rates)),
         )
 
+    def __deepcopy__(self, memo) -> MergeConfig:
+        return self  # immutable: a copied model shares its configuration
+
     @property
     def ablation(self) -> bool:
         """Options that need per-token values inside a stage (the per-block path)."""

@@ -1,0 +1,188 @@
+"""The widget's status line, event line, progress bar and merge overlays (GUI thread only)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import traceback
+
+from . import _layers as L
+from ._session import SessionError
+
+log = logging.getLogger("napari_structsam")
+
+
+def _guarded(func):
+    """Qt and napari callbacks must never raise: an exception escaping a slot aborts the
+    application. Errors go to the status line (traceback in its tooltip) and the log; once the
+    widget is closed, callbacks do nothing."""
+
+    @functools.wraps(func)
+    def wrapper(self, *args, **kwargs):
+        if getattr(self, "_closed", False):
+            return None
+        try:
+            return func(self, *args, **kwargs)
+        except Exception as exc:
+            self._report(func.__name__, exc)
+            return None
+
+    return wrapper
+
+
+def _widget_destroyed(ref, *_) -> None:
+    """The dock widget's C++ side is gone (viewer closed, dock removed): stop its workers and
+    drop its napari connections, touching no Qt object of it."""
+    widget = ref()
+    if widget is not None:
+        widget._shutdown(qt_alive=False)
+
+
+class DisplayMixin:
+    """What the widget shows about the session: status, events, overlays, busy state."""
+
+    def _set_busy(self, busy: bool, text: str = "") -> None:
+        self.cancel_button.setEnabled(busy)
+        if busy:
+            self.progress.setRange(0, 0)
+            self.progress.setFormat(text)
+        else:
+            self.progress.setRange(0, 1)
+            self.progress.setValue(1 if self.last_encoding is not None else 0)
+            self.progress.setFormat("idle")
+
+    @_guarded
+    def _apply_visibility(self, *_) -> None:
+        if not self.layers:
+            return
+        self.layers[L.MASK].visible = self.show_mask.isChecked()
+        self.layers[L.MERGE_MAP].visible = self.show_merge.isChecked()
+        self.layers[L.PROTECTED].visible = self.show_protected.isChecked()
+        opacity = self.opacity_slider.value() / 100
+        self.layers[L.MERGE_MAP].opacity = opacity
+        self.layers[L.PROTECTED].opacity = min(1.0, 2 * opacity)  # thin outlines need more
+
+    def _update_blocks(self, enc) -> None:
+        items = [f"block {i.block} · stage {i.stage} · {i.grid_shape[0]}x{i.grid_shape[1]}"
+                 for i in enc.merge_info]  # fmt: skip
+        old = [self.block_combo.itemText(i) for i in range(self.block_combo.count())]
+        if items != old:
+            index = self.block_combo.currentIndex()
+            self.block_combo.blockSignals(True)
+            self.block_combo.clear()
+            self.block_combo.addItems(items)
+            self.block_combo.setCurrentIndex(min(max(index, 0), len(items) - 1))
+            self.block_combo.blockSignals(False)
+
+    def merge_tokens(self) -> tuple[int, int] | None:
+        """(kept, total) tokens of the shown block's merge map, None without merging."""
+        enc = self.session.encoding(self.current_slice())
+        if enc is None or not enc.merge_info:
+            return None
+        info = enc.merge_info[min(max(self.block_combo.currentIndex(), 0), len(enc.merge_info) - 1)]
+        return info.tokens_after, info.tokens_before
+
+    def _update_overlays(self) -> None:
+        if not self.layers:
+            return
+        z = self.current_slice()
+        enc = self.session.encoding(z)
+        merge, prot = self.layers[L.MERGE_MAP], self.layers[L.PROTECTED]
+        is_3d = self.session.is_3d
+        if self._overlay_z is not None:  # clear what the last update drew
+            if is_3d:
+                merge.data[self._overlay_z] = 0
+                prot.data[self._overlay_z] = 0
+            else:
+                merge.data[...] = 0
+                prot.data[...] = 0
+            self._overlay_z = None
+        if enc is not None and enc.merge_info:
+            self._update_blocks(enc)
+            block = min(max(self.block_combo.currentIndex(), 0), len(enc.merge_info) - 1)
+            mmap, protected, _, _ = L.merge_overlays(enc, block)
+            if is_3d:
+                merge.data[z] = mmap
+                prot.data[z] = protected
+            else:
+                merge.data[...] = mmap
+                prot.data[...] = protected
+            self._overlay_z = z
+        elif enc is not None:
+            self.block_combo.clear()
+        merge.refresh()
+        prot.refresh()
+
+    def _update_status(self) -> None:
+        s = self.session
+        if self.image_layer is None:
+            self.status.setText("choose an image layer")
+            return
+        z = self.current_slice()
+        enc = s.encoding(z)
+        settings = s.settings
+        parts = [f"slice {z}/{s.n_slices - 1}" if s.is_3d else "2D image"]
+        if enc is None:
+            parts.append("not encoded yet")
+        elif enc.merge_info:
+            kept, total = enc.tokens()
+            shown = self.merge_tokens()
+            parts.append(
+                f"tokens kept: {kept / total:.0%} over merged blocks"
+                + (f" (shown block {shown[0]}/{shown[1]})" if shown else "")
+            )
+        else:
+            parts.append("no merging (all tokens kept)")
+        stats = s.stats(settings)
+        if stats is not None and stats.flops_saved is not None:
+            parts.append(
+                f"encoder FLOPs saved: {stats.flops_saved:.1%} "
+                f"({stats.flops / 1e9:.1f} of {stats.dense_flops / 1e9:.1f} GFLOP)"
+            )
+        elif settings.merging:
+            parts.append("FLOPs: counting…")
+        if enc is not None and enc.from_cache:
+            parts.append(f"embedding from the disk cache (encoded in {enc.seconds:.2f} s)")
+        elif enc is not None:
+            precision = enc.precision
+            auto = " (auto)" if settings.precision == "auto" else ""
+            timing = f"last encode {enc.seconds:.2f} s in {precision}{auto}"
+            if stats is not None and stats.unmerged_seconds and settings.merging:
+                ratio = stats.unmerged_seconds / enc.seconds
+                timing += f", unmerged {stats.unmerged_seconds:.2f} s ({ratio:.2f}x)"
+            parts.append(timing)
+        if s.cache_note:
+            parts.append(s.cache_note)
+        self.status.setText(" · ".join(parts))
+
+    def _event(self, text: str, error: bool = False, detail: str | None = None) -> None:
+        """One line under the status (its tooltip has the full text, or ``detail``); errors
+        also go to napari's notifications."""
+        self.event_label.setText(text)
+        self.event_label.setToolTip(detail or text)
+        self.event_label.setStyleSheet("color: #ff6b6b;" if error else "")
+        if error:
+            from napari.utils.notifications import show_warning
+
+            show_warning(f"StructSAM: {text}")
+
+    def _report(self, where: str, exc: BaseException, prefix: str = "") -> None:
+        """An error caught at a callback's edge: logged with its traceback and shown."""
+        from structsam.errors import StructSAMError
+
+        log.error("StructSAM: %s failed", where, exc_info=exc)
+        if isinstance(exc, StructSAMError | SessionError):
+            text = f"{prefix}{exc}"  # written for the user
+        else:
+            text = f"{prefix or where + ' failed: '}{type(exc).__name__}: {exc}"
+        detail = "".join(traceback.format_exception(exc))
+        if self._closed:
+            return
+        try:
+            self._event(text, error=True, detail=detail)
+        except RuntimeError:  # the widget's Qt side is gone
+            pass
+
+    @_guarded
+    def _block_chosen(self, index=None) -> None:
+        self._update_overlays()

@@ -1,0 +1,356 @@
+"""The encoder service of an interactive session: models, encodes, decodes and FLOPs counts.
+
+No Qt, no napari: a GUI calls ``encode``/``flops`` from a worker thread and ``decode`` from its
+own thread. One patched model per setting (:class:`ModelPool`): a setting's model is patched
+once when it is made and never re-patched, so encodes of different settings never wait for
+one another to switch a shared model. Cancellation: ``encode(..., cancelled=...)`` stops at
+the next encoder block once ``cancelled()`` is true (:class:`EncodeCancelled`).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from ..errors import StructSAMError
+from .settings import EncoderSettings
+
+__all__ = [
+    "DecoderBusy",
+    "EmbeddingStore",
+    "EncodeCancelled",
+    "EncoderService",
+    "ModelPool",
+    "Stats",
+    "StatsBook",
+    "shared_service",
+]
+
+# Patched models kept loaded (LRU): LiteMedSAM's are 40 MB each, a SAM ViT-H's 2.5 GB.
+MAX_MODELS = 3
+# An unmerged encode is timed (for the speed-up shown) only when a merged one took less.
+UNMERGED_TIMING_MAX_SECONDS = 3.0
+SMALL_ENCODER_PARAMETERS = 20_000_000
+
+
+class EncodeCancelled(Exception):
+    """Raised inside the encoder forward when ``cancelled()`` turned true."""
+
+
+class DecoderBusy(StructSAMError):
+    """The decoder cannot run right now: an encoder FLOPs count holds global module hooks."""
+
+
+@dataclass
+class Stats:
+    """FLOPs and timings of one setting, measured in a worker and kept by a :class:`StatsBook`."""
+
+    settings: EncoderSettings
+    flops: int | None = None  # merged encoder FLOPs on the slice it was measured on
+    dense_flops: int | None = None
+    unmerged_seconds: float | None = None
+
+    @property
+    def flops_saved(self) -> float | None:
+        if self.flops is None or not self.dense_flops:
+            return None
+        return 1.0 - self.flops / self.dense_flops
+
+
+class StatsBook:
+    """FLOPs per setting, and per model the dense FLOPs and the unmerged encode time."""
+
+    def __init__(self):
+        self._stats: dict[EncoderSettings, Stats] = {}
+        self._dense: dict[tuple, Stats] = {}
+
+    def clear(self) -> None:
+        self._stats.clear()
+
+    def dense(self, settings: EncoderSettings) -> Stats | None:
+        return self._dense.get(settings.model_key)
+
+    def store(self, stats: Stats) -> None:
+        self._stats[stats.settings] = stats
+        if stats.dense_flops is not None:
+            dense = self._dense.setdefault(stats.settings.model_key, Stats(stats.settings))
+            dense.dense_flops = stats.dense_flops
+            if stats.unmerged_seconds is not None:
+                dense.unmerged_seconds = stats.unmerged_seconds
+
+    def note_encode(self, settings: EncoderSettings, seconds: float) -> None:
+        """An encode without merging is the unmerged time of its model."""
+        if not settings.merging:
+            dense = self._dense.setdefault(settings.model_key, Stats(settings))
+            dense.unmerged_seconds = seconds
+
+    def get(self, settings: EncoderSettings) -> Stats | None:
+        stats = self._stats.get(settings)
+        dense = self._dense.get(settings.model_key)
+        if stats is None and dense is not None:
+            stats = Stats(settings, None, dense.dense_flops, dense.unmerged_seconds)
+        elif stats is not None and dense is not None and stats.unmerged_seconds is None:
+            stats.unmerged_seconds = dense.unmerged_seconds
+        return stats
+
+    def needs(self, settings: EncoderSettings) -> bool:
+        stats = self._stats.get(settings)
+        return stats is None or stats.flops is None
+
+
+class EmbeddingStore:
+    """Embeddings of one image's slices, keyed by (slice, settings, window); the least
+    recently used go beyond ``capacity``."""
+
+    def __init__(self, capacity: int = 48):  # 4 MiB of features each for LiteMedSAM
+        self.capacity = capacity
+        self._items: OrderedDict[tuple, object] = OrderedDict()
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def put(self, z: int, settings: EncoderSettings, window, embedding) -> None:
+        key = (int(z), settings, window)
+        self._items[key] = embedding
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def get(self, z: int, settings: EncoderSettings, window):
+        key = (int(z), settings, window)
+        embedding = self._items.get(key)
+        if embedding is not None:
+            self._items.move_to_end(key)
+        return embedding
+
+    def slices(self, settings: EncoderSettings, window) -> set[int]:
+        return {k[0] for k in self._items if k[1] == settings and k[2] == window}
+
+
+class ModelPool:
+    """One patched model per setting (``EncoderSettings.patch_key``), the latest
+    ``capacity`` kept. A new setting of a loaded model is a copy of it, patched once."""
+
+    def __init__(self, capacity: int = MAX_MODELS):
+        self.capacity = capacity
+        self._models: OrderedDict[tuple, object] = OrderedDict()
+        self._lock = threading.RLock()
+        self._make_lock = threading.Lock()
+
+    def get(self, settings: EncoderSettings):
+        """The model of ``settings``, made on first use (seconds: call it from a worker)."""
+        key = settings.patch_key
+        model = self._lookup(key)
+        if model is not None:
+            return model
+        with self._make_lock:  # loading does not hold the lookup lock: decoders keep going
+            model = self._lookup(key)
+            if model is None:
+                model = self._make(settings, self._loaded(settings.model_key))
+                with self._lock:
+                    while len(self._models) >= self.capacity:
+                        self._models.popitem(last=False)
+                    self._models[key] = model
+        return model
+
+    def _lookup(self, key: tuple):
+        with self._lock:
+            model = self._models.get(key)
+            if model is not None:
+                self._models.move_to_end(key)
+            return model
+
+    def _loaded(self, model_key: tuple):
+        """The most recent loaded model with these weights, or None."""
+        with self._lock:
+            for key, model in reversed(self._models.items()):
+                if key[: len(model_key)] == model_key:
+                    return model
+        return None
+
+    def decoder(self, settings: EncoderSettings):
+        """A loaded model with the decoder of ``settings`` (any setting of the same weights),
+        without making one when one is loaded."""
+        return self._loaded(settings.model_key) or self.get(settings)
+
+    @staticmethod
+    def _make(settings: EncoderSettings, base):
+        import structsam
+        from structsam.cache import share_weights_identity
+
+        if base is None:
+            model = structsam.load_model(
+                settings.model,
+                checkpoint=settings.checkpoint or None,
+                device=settings.device,
+                precision=settings.precision,
+            )
+        else:
+            model = copy.deepcopy(base)
+            share_weights_identity(base, model)
+        if settings.merging:
+            structsam.patch(model, settings.method, settings.rate)
+        else:
+            # unmerged = the same lean encoder at rate 0 (SAM ViT's fused attention), so the
+            # speed-up shown is merging's alone
+            structsam.patch(model, "structsam", 0.0)
+        return model
+
+
+class EncoderService:
+    """Encodes, decodes and FLOPs counts for interactive sessions (see the module doc)."""
+
+    def __init__(self, pool: ModelPool | None = None):
+        self.pool = pool or ModelPool()
+        # torch's FlopCounterMode installs global module hooks that break a decoder running at
+        # the same time in another thread: counting holds this lock, decoding only tries it
+        self.count_lock = threading.Lock()
+        # one encoder forward at a time: per-call prompts live on a model's patch, and on a
+        # CPU two encodes at once are slower than one after the other
+        self.forward_lock = threading.RLock()
+        self._caches: dict[str, object] = {}
+
+    def model(self, settings: EncoderSettings):
+        return self.pool.get(settings)
+
+    def disk_cache(self, folder: str | None = None):
+        """``(EmbeddingCache or None, note)``: the disk cache in ``folder`` (None: the default
+        one), opened once; an unusable folder gives None and a note saying why."""
+        from structsam.cache import EmbeddingCache, default_cache_folder
+
+        # the default folder is read now: $STRUCTSAM_CACHE_DIR may have changed
+        folder = str(folder or default_cache_folder())
+        if folder not in self._caches:
+            try:
+                self._caches[folder] = EmbeddingCache(folder)
+            except StructSAMError as exc:
+                return None, f"disk cache off: {exc}"
+        return self._caches[folder], None
+
+    def encode(
+        self,
+        image,
+        settings: EncoderSettings,
+        window=None,
+        prompts: Mapping | None = None,
+        cancelled: Callable[[], bool] | None = None,
+        cache=None,
+    ):
+        """The :class:`~structsam.embedding.Embedding` of ``image`` under ``settings``.
+        ``prompts`` (image pixels) are protected only when ``settings.uses_prompts``."""
+        import structsam
+
+        prompts = dict(prompts) if prompts and settings.uses_prompts else None
+        with self.forward_lock:
+            if cancelled is not None and cancelled():
+                raise EncodeCancelled
+            model = self.pool.get(settings)
+            with cancel_hooks(model, cancelled):
+                return structsam.Predictor(model, cache=cache).encode(image, window, prompts)
+
+    def decode(self, settings: EncoderSettings, embedding, prompts: Mapping):
+        """(mask (H, W) bool, score) of one prompt set (image pixels: ``box``,
+        ``point_coords``/``point_labels``) from ``embedding``: cheap, and safe next to a
+        running encode (it uses the prompt encoder and mask decoder only)."""
+        import structsam
+
+        model = self.pool.decoder(settings)
+        if not self.count_lock.acquire(blocking=False):
+            raise DecoderBusy("counting encoder FLOPs; the mask follows in a moment")
+        try:
+            masks, scores, _ = structsam.Predictor(model).predict(
+                point_coords=prompts.get("point_coords"),
+                point_labels=prompts.get("point_labels"),
+                box=prompts.get("box"),
+                embedding=embedding,
+            )
+        finally:
+            self.count_lock.release()
+        return masks[0], float(scores[0])
+
+    def flops(
+        self, image, settings: EncoderSettings, book: StatsBook, prompts=None, window=None,
+        time_unmerged: bool = True, cancelled: Callable[[], bool] | None = None,
+    ) -> Stats:  # fmt: skip
+        """Encoder FLOPs of ``settings`` on ``image`` and, unless ``book`` has them for its
+        model, the dense FLOPs and (``time_unmerged``) an unmerged encode time. One to three
+        forwards; run it in a worker. ``book`` is only read."""
+        import structsam
+
+        prompts = dict(prompts) if prompts and settings.uses_prompts else None
+        stats = Stats(settings)
+        with self.forward_lock, self.count_lock:
+            dense = book.dense(settings)
+            if dense is None or dense.dense_flops is None:
+                dense = Stats(settings.unmerged())
+                model = self.pool.get(dense.settings)
+                with cancel_hooks(model, cancelled):
+                    if time_unmerged:
+                        embedding = structsam.Predictor(model).encode(image, window)
+                        dense.unmerged_seconds = float(embedding.seconds)
+                    dense.dense_flops = structsam.encoder_flops(model, image)
+            stats.dense_flops = dense.dense_flops
+            stats.unmerged_seconds = dense.unmerged_seconds
+            if settings.merging:
+                model = self.pool.get(settings)
+                with cancel_hooks(model, cancelled):
+                    stats.flops = structsam.encoder_flops(model, image, prompts=prompts)
+            else:
+                stats.flops = dense.dense_flops
+        return stats
+
+    def worth_timing_unmerged(self, settings: EncoderSettings, embedding) -> bool:
+        """An extra unmerged encode (for the speed-up shown) only where it is cheap: a small
+        encoder (LiteMedSAM's has 5.7 M parameters, a SAM ViT-B's 86 M), or a quick encode."""
+        if embedding.seconds < UNMERGED_TIMING_MAX_SECONDS:
+            return True
+        encoder = self.pool.decoder(settings).image_encoder
+        return sum(p.numel() for p in encoder.parameters()) < SMALL_ENCODER_PARAMETERS
+
+
+class cancel_hooks:  # noqa: N801 (used as a context manager, like contextlib's)
+    """Forward pre-hooks on the encoder's stages and blocks that raise ``EncodeCancelled``
+    as soon as ``cancelled()`` is true, so a superseded encode stops within one block."""
+
+    def __init__(self, model, cancelled: Callable[[], bool] | None):
+        self.model = model
+        self.cancelled = cancelled
+        self.handles: list = []
+
+    def __enter__(self):
+        if self.cancelled is None:
+            return self
+        import torch
+
+        def check(module, args):
+            if self.cancelled():
+                raise EncodeCancelled
+
+        for name, module in self.model.image_encoder.named_modules():
+            depth = name.count(".") + 1 if name else 0
+            if 0 < depth <= 4 and not isinstance(module, torch.nn.ModuleList | torch.nn.Sequential):
+                self.handles.append(module.register_forward_pre_hook(check))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        return False
+
+
+_SHARED: EncoderService | None = None
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_service() -> EncoderService:
+    """The process's service: sessions share its loaded models (one CPU encode at a time is
+    the fastest anyway, and models are large)."""
+    global _SHARED
+    with _SHARED_LOCK:
+        if _SHARED is None:
+            _SHARED = EncoderService()
+        return _SHARED
