@@ -281,3 +281,29 @@ def test_every_method_leaves_protected_tokens_alone(method, litemedsam, phantom)
         assert (sizes[group[protect]] == 1).all()  # alone in their groups
         assert i.protected.reshape(-1)[protect.numpy()].all()
     assert any(i.tokens_after < i.tokens_before for i in blocks)
+
+
+def test_merge_attention_false_is_honoured_for_sam_vit(small_vit):
+    """Attention on every token, only the MLP merged: costs more than merging both, less than
+    none, and gives another output than the default (it used to be ignored for SAM ViT)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from structsam.patching import merge_config
+
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(3))
+
+    def run(**options):
+        patch(small_vit, "structsam", 0.5, **options)
+        try:
+            with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+                out = small_vit(x)
+            return out, counter.get_total_flops(), merge_config(small_vit)
+        finally:
+            unpatch(small_vit)
+
+    both, flops_both, _ = run()
+    mlp_only, flops_mlp, config = run(merge_attention=False)
+    dense, flops_dense, _ = run(recovery="block", merge_mlp=False, merge_attention=False)
+    assert config.merge_attention is False and config.identity()["merge_attention"] is False
+    assert flops_both < flops_mlp < flops_dense
+    assert not torch.allclose(both, mlp_only)
