@@ -7,6 +7,8 @@ Public API (imported lazily, so ``import structsam`` does not load torch)::
     predictor = structsam.Predictor(model)
     predictor.set_image(image, prompts={"box": box})
     masks, scores, logits = predictor.predict(box=box)
+    embedding = predictor.encode(image)  # a frozen structsam.Embedding, to keep or cache
+    masks, scores, logits = predictor.predict(box=box, embedding=embedding)
     result = structsam.propagate(predictor, volume, z, box=box, axis=0)  # result.mask: 3D bool
 """
 
@@ -27,8 +29,10 @@ _LAZY = {
     "patch": "structsam.patching",
     "unpatch": "structsam.patching",
     "merge_state": "structsam.patching",
+    "merge_config": "structsam.patching",
     "METHODS": "structsam.merge",
     "Predictor": "structsam.predictor",
+    "Embedding": "structsam.embedding",
     "encoder_flops": "structsam.flops",
     "calibrate": "structsam.flops",
     "PromptWarning": "structsam.errors",
