@@ -49,9 +49,9 @@ _STALE_TMP_SECONDS = 3600.0
 def image_key(image) -> str:
     """SHA-256 (64 hex digits) of an image's bytes, shape and dtype: the embedding cache's own
     image hash, so both stores agree on what "the same image" is."""
-    from .cache import _sha256_array
+    from .identity import sha256_array
 
-    return _sha256_array(np.asarray(image))
+    return sha256_array(np.asarray(image))
 
 
 def default_folder(cache_folder: str | os.PathLike | None = None) -> Path:
