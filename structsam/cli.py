@@ -460,6 +460,50 @@ def _add_embed(sub) -> None:
     em.set_defaults(func=cmd_embed)
 
 
+def cmd_bench_3d(args) -> int:
+    """3D propagation on simulated lesions (structsam.eval.propagation): one box, 3D Dice."""
+    import json
+
+    import torch
+
+    from .eval import propagation as p3d
+
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    unknown = sorted(set(settings) - set(p3d.SETTINGS))
+    if unknown or not settings:
+        raise StructSAMError(f"--settings takes {', '.join(p3d.SETTINGS)}, got {args.settings!r}")
+    out = Path(args.out) if args.out else None
+    if out is not None and (out.exists() and not out.is_dir() or not out.parent.is_dir()):
+        raise StructSAMError(f"--out {out}: give a folder (it is created inside an existing one)")
+    torch.set_num_threads(args.threads)
+    if args.tune:
+        rules, score, scored = p3d.tune(progress=print)
+        print(f"best stop rules on the tuning cases (mean Dice {score:.3f}): {rules}")
+        return 0
+    rows = p3d.run(args.split, settings, progress=print, limit=args.limit)
+    table = p3d.format_table(rows)
+    print(table)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table.md").write_text(table + "\n")
+        (out / "rows.json").write_text(json.dumps(rows, indent=1) + "\n")
+        print(f"table -> {out / 'table.md'}, rows -> {out / 'rows.json'}")
+    return 0
+
+
+def _add_bench_3d(sub) -> None:
+    b3 = sub.add_parser(
+        "bench-3d", help="3D propagation from one box on simulated lesions (MNI152, CT): 3D Dice"
+    )
+    b3.add_argument("--split", choices=("test", "tuning", "all"), default="test")
+    b3.add_argument("--settings", default="unmerged,merged", help="unmerged, merged or both")
+    b3.add_argument("--limit", type=int, default=None, help="only the first N cases")
+    b3.add_argument("--out", default=None, help="folder for table.md and rows.json")
+    b3.add_argument("--threads", type=int, default=2)
+    b3.add_argument("--tune", action="store_true", help="choose the stop rules on the tuning cases")
+    b3.set_defaults(func=cmd_bench_3d)
+
+
 def build_parser(extra_commands=()) -> argparse.ArgumentParser:
     """The parser of every command; ``extra_commands``: commands (:class:`Command`) added by
     packages above structsam (the napari plugin's ``annotate``)."""
@@ -520,6 +564,7 @@ def build_parser(extra_commands=()) -> argparse.ArgumentParser:
         command.add_to(sub)
     info = sub.add_parser("info", help="list models, methods and devices")
     info.set_defaults(func=cmd_info)
+    _add_bench_3d(sub)
     return parser
 
 
