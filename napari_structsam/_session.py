@@ -34,14 +34,6 @@ from structsam.interactive.settings import EncoderSettings, Reencode, reencode_r
 
 from ._runtime import available_devices, preload  # noqa: F401 (the widget's imports)
 
-# Propagation stops when the new slice's mask overlaps the previous one less than this (IoU) ...
-STOP_IOU = 0.35
-# ... or its mean intensity moves this far from the seed's, in units of the volume's 1-99 %
-# intensity range (the prompt then caught the surroundings, not the object) ...
-STOP_INTENSITY = 0.2
-# ... or it has fewer pixels than this fraction of the seed mask.
-STOP_AREA = 0.05
-
 
 class SessionError(Exception):
     """A user-facing problem (no image, no prompt...): the message is for the status line."""
@@ -80,11 +72,17 @@ class Prompts:
 
 @dataclass(frozen=True)
 class Encoded:
-    """An encode's result as a worker yields it: which slice, under which settings."""
+    """An encode's result as a worker yields it: which slice, under which settings. The
+    embedding's own attributes (``merge_info``, ``prompts``, ``seconds``...) read through."""
 
     z: int
     settings: EncoderSettings
     embedding: object  # structsam.Embedding
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name == "embedding":  # copy/pickle probes
+            raise AttributeError(name)
+        return getattr(self.embedding, name)
 
 
 @dataclass
@@ -116,11 +114,6 @@ def box_of(mask: np.ndarray, pad: int = 2) -> np.ndarray:
     )  # fmt: skip
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
-
-
 class Session:
     """One image being annotated. See the module docstring for the threading contract."""
 
@@ -135,7 +128,6 @@ class Session:
         self.history: list[Commit] = []
         self._embeddings = EmbeddingStore()
         self._book = StatsBook()
-        self._range = (0.0, 1.0)
         # disk cache of embeddings shared with `structsam embed` (structsam.cache); None: the
         # default folder ($STRUCTSAM_CACHE_DIR or ~/.cache/structsam/embeddings)
         self.use_disk_cache = True
@@ -170,9 +162,6 @@ class Session:
         self.history = []
         self._embeddings.clear()
         self._book.clear()
-        sample = self.volume[:: max(1, len(self.volume) // 16)]
-        lo, hi = np.percentile(sample.astype(np.float32), [1, 99])
-        self._range = (float(lo), float(hi) if hi > lo else float(lo) + 1.0)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -355,11 +344,10 @@ class Session:
         cancelled: Callable[[], bool] | None = None,
         max_slices: int | None = None,
     ) -> Iterator[SliceResult]:
-        """Carry the object on slice ``z0`` through the volume, one slice at a time in both
-        directions: the previous slice's mask gives the box (and an interior point) for the
-        next. A direction stops when the mask disappears, jumps (IoU with the previous slice
-        below ``STOP_IOU``), shrinks below ``STOP_AREA`` of the seed, or its intensity leaves
-        the seed's. Yields one ``SliceResult`` per visited slice and changes nothing: the
+        """Carry the object on slice ``z0`` through the volume in both directions with
+        ``structsam.interactive.propagate`` (the seed's box and innermost point prompt it; each
+        next slice is prompted with the previous slice's mask; a direction stops where its stop
+        rules fire). Yields one ``SliceResult`` per visited slice and changes nothing: the
         caller applies them (``apply_slice``). Worker-safe given ``seed`` and ``known``
         (slice -> ``Embedding`` under ``settings``)."""
         z0 = self._check_z(z0)
@@ -367,35 +355,17 @@ class Session:
         seed = (self.mask[z0] > 0) if seed is None else np.asarray(seed, bool)
         if not seed.any():
             raise SessionError("segment the object on this slice first (S), then propagate")
-        known = dict(known or {})
-        lo, hi = self._range
-        seed_mean = float(self.volume[z0][seed].mean())
-        seed_area = int(seed.sum())
         total = self.n_slices - 1
         if max_slices is not None:
             total = min(total, 2 * max_slices)
-        done = 0
-        for step in (1, -1):
-            prev, z = seed, z0
-            for _ in range(self.n_slices if max_slices is None else max_slices):
-                z += step
-                if not 0 <= z < self.n_slices:
-                    break
-                prompts = Prompts(
-                    points=_interior_point(prev)[None], labels=np.array([1]), box=box_of(prev)
-                )
-                emb = None if settings.uses_prompts else known.get(z)
-                enc = Encoded(z, settings, emb) if emb is not None else None
-                if enc is None:
-                    enc = self.encode(z, settings, prompts, cancelled)
-                mask, _ = self.decode(enc, prompts)
-                done += 1
-                reason = _stop_reason(mask, prev, self.volume[z], seed_mean, seed_area, hi - lo)
-                if reason:
-                    yield SliceResult(z, np.zeros_like(mask), enc, reason, done, total)
-                    break
-                yield SliceResult(z, mask, enc, None, done, total)
-                prev = mask
+        steps = self.service.propagate(
+            self.volume, z0, settings, box_of(seed), _interior_point(seed), self.window,
+            known, cancelled, self.disk_cache(), max_slices,
+        )  # fmt: skip
+        for done, step in enumerate(steps, 1):
+            enc = None if step.embedding is None else Encoded(step.z, settings, step.embedding)
+            mask = step.mask if step.mask is not None else np.zeros(self.volume.shape[1:3], bool)
+            yield SliceResult(step.z, mask, enc, step.stopped, done, total)
 
     def apply_slice(self, result: SliceResult) -> None:
         """Write one propagation result into the current object."""
@@ -426,16 +396,3 @@ def _interior_point(mask: np.ndarray) -> np.ndarray:
     dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
     y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
     return np.array([x, y], dtype=float)
-
-
-def _stop_reason(mask, prev, image, seed_mean, seed_area, spread) -> str | None:
-    area = int(mask.sum())
-    if area == 0:
-        return "object ended (empty mask)"
-    if area < STOP_AREA * seed_area:
-        return "object ended (mask too small)"
-    if _iou(mask, prev) < STOP_IOU:
-        return "object ended (mask jumped away from the previous slice)"
-    if image.ndim == 2 and abs(float(image[mask].mean()) - seed_mean) > STOP_INTENSITY * spread:
-        return "object ended (intensity changed)"
-    return None

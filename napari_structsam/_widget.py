@@ -54,7 +54,7 @@ class StructSAMWidget(PanelMixin, DisplayMixin, AutosaveMixin, ActionsMixin, QWi
         self.runner = JobRunner(self._on_yield, self._on_done, self._on_error)
         self.image_layer = None
         self.layers: dict = {}
-        self.last_encoding = None  # the current slice's structsam.Embedding, once encoded
+        self.last_encoding: Encoded | None = None  # the current slice's, once encoded
         self._inflight: tuple | None = None  # (z, settings, prompts) of the running encode
         self._pending_segment = False
         self._propagating = False
@@ -293,7 +293,9 @@ class StructSAMWidget(PanelMixin, DisplayMixin, AutosaveMixin, ActionsMixin, QWi
             for d in range(1, PREFETCH + 1):
                 slices += [n for n in (z + d, z - d) if 0 <= n < s.n_slices and n not in have]
         if not slices:  # everything cached: show it
-            self.last_encoding = s.encoding(z) or self.last_encoding
+            cached = s.encoding(z)
+            if cached is not None:
+                self.last_encoding = Encoded(z, s.settings, cached)
             self._update_overlays()
             self._update_status()
             if segment_after:
@@ -319,7 +321,7 @@ class StructSAMWidget(PanelMixin, DisplayMixin, AutosaveMixin, ActionsMixin, QWi
             s.store(value)
             s.note_unmerged_time(value)
             if value.z == self.current_slice() and value.settings == s.settings:
-                self.last_encoding = value.embedding
+                self.last_encoding = value
                 self._inflight = None
                 self._update_overlays()
                 self._update_status()

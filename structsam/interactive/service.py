@@ -24,6 +24,7 @@ __all__ = [
     "EncodeCancelled",
     "EncoderService",
     "ModelPool",
+    "PropagationStep",
     "Stats",
     "StatsBook",
     "shared_service",
@@ -302,6 +303,61 @@ class EncoderService:
                 stats.flops = dense.dense_flops
         return stats
 
+    def propagate(
+        self, volume, z: int, settings: EncoderSettings, box, point, window=None,
+        known: Mapping | None = None, cancelled: Callable[[], bool] | None = None, cache=None,
+        max_slices: int | None = None,
+    ):  # fmt: skip
+        """Stream :func:`structsam.interactive.propagate` of the object prompted on slice
+        ``z`` (``box``, one positive ``point``, image pixels) through ``volume`` (Z, Y, X):
+        yields a :class:`PropagationStep` per kept slice as soon as it exists, then one per
+        direction that stopped before the edge. ``known``: slice -> Embedding already made
+        under ``settings`` (not encoded again). Runs the walk in a helper thread (the service's
+        forward lock held); ``cancelled()`` stops it within one encoder block
+        (:class:`EncodeCancelled`)."""
+        import queue
+
+        from structsam.identity import sha256_array
+
+        from .propagate import propagate
+
+        known = {sha256_array(volume[i]): e for i, e in (known or {}).items()}
+        model = self.pool.get(settings)
+        predictor = _known_predictor(model, cache, known)
+        events: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def on_slice(record, mask):
+            events.put(PropagationStep(record.index, mask, predictor.last))
+            return stop.is_set() or (cancelled is not None and cancelled())
+
+        def run():
+            try:
+                with self.forward_lock, cancel_hooks(model, _either(stop, cancelled)):
+                    result = propagate(
+                        predictor, volume, z, box=box, point_coords=[point], point_labels=[1],
+                        window=window, prompt_aware=settings.uses_prompts, callback=on_slice,
+                        max_slices=max_slices,
+                    )  # fmt: skip
+                for report in (result.up, result.down):
+                    if report.stopped_at is not None and report.reason not in ("edge", "limit"):
+                        text = _stop_text(report.reason, report.detail)
+                        events.put(PropagationStep(report.stopped_at, None, None, text))
+                events.put(None)
+            except BaseException as exc:  # noqa: BLE001 (handed to the consumer's thread)
+                events.put(exc)
+
+        worker = threading.Thread(target=run, name="structsam-propagate", daemon=True)
+        worker.start()
+        try:
+            while (item := events.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()  # a consumer that stops early stops the walk
+            worker.join()
+
     def worth_timing_unmerged(self, settings: EncoderSettings, embedding) -> bool:
         """An extra unmerged encode (for the speed-up shown) only where it is cheap: a small
         encoder (LiteMedSAM's has 5.7 M parameters, a SAM ViT-B's 86 M), or a quick encode."""
@@ -309,6 +365,44 @@ class EncoderService:
             return True
         encoder = self.pool.decoder(settings).image_encoder
         return sum(p.numel() for p in encoder.parameters()) < SMALL_ENCODER_PARAMETERS
+
+
+@dataclass
+class PropagationStep:
+    """One slice of a propagation: its mask and embedding, or (``stopped``) why the walk in
+    that direction ended there."""
+
+    z: int
+    mask: object | None  # (H, W) bool; None for a stop
+    embedding: object | None
+    stopped: str | None = None
+
+
+def _known_predictor(model, cache, known: Mapping):
+    """A ``Predictor`` that answers ``encode`` from ``known`` (image hash -> Embedding) when it
+    can, and remembers the last embedding it gave."""
+    import structsam
+    from structsam.identity import sha256_array
+
+    class KnownPredictor(structsam.Predictor):
+        last = None
+
+        def encode(self, image, window=None, prompts=None):
+            found = None if prompts else known.get(sha256_array(image))
+            self.last = found or super().encode(image, window, prompts)
+            return self.last
+
+    return KnownPredictor(model, cache=cache)
+
+
+def _stop_text(reason: str, detail: str) -> str:
+    from .propagate import REASONS
+
+    return f"object ended ({REASONS[reason]}{': ' + detail if detail else ''})"
+
+
+def _either(event: threading.Event, cancelled: Callable[[], bool] | None):
+    return lambda: event.is_set() or (cancelled is not None and cancelled())
 
 
 class cancel_hooks:  # noqa: N801 (used as a context manager, like contextlib's)
