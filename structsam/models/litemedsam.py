@@ -211,6 +211,22 @@ def _nhwc_conv_layer(self, h):
     return t.reshape(t.shape[0], -1, t.shape[-1])
 
 
+def _mlp_gelu_in_place(self, x):
+    # TinyViT's Mlp with its GELU in place (dropout is 0 at inference): dense and merged blocks
+    # alike, so the dense baseline gets the same saving
+    return self.fc2(_gelu_(self.fc1(self.norm(x))))
+
+
+def gelu_in_place_mlps(encoder) -> int:
+    """Give every attention block's Mlp an in-place GELU (inference only); returns how many."""
+    mlps = [blk.mlp for layer in encoder.layers[1:] for blk in layer.blocks]
+    for mlp in mlps:
+        if not isinstance(mlp.act, nn.GELU) or mlp.act.approximate != "none":
+            raise ValueError(f"expected an exact GELU in TinyViT's Mlp, got {mlp.act}")
+        swap_class(mlp, _mlp_gelu_in_place, "GeluInPlace")
+    return len(mlps)
+
+
 def channels_last_conv_stage(encoder) -> None:
     """Run TinyViT's patch embedding and conv stage in channels-last layout (needs folded BN)."""
     stage = encoder.layers[0]

@@ -223,6 +223,7 @@ def load_model(
     if fold_batchnorm and spec.family == "tinyvit":
         litemedsam.fold_conv_bn(model.image_encoder)
         litemedsam.channels_last_conv_stage(model.image_encoder)
+        litemedsam.gelu_in_place_mlps(model.image_encoder)
         folded = True
 
     # eval() must come after loading: TinyViT's Attention builds its `ab` bias buffer from the
