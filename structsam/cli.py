@@ -26,7 +26,9 @@ def _load_input(args):
     from . import io, samples
 
     if args.image == "sample:lesion":
-        case = samples.lesion_cases(n_lesions=3)[0]
+        from .eval.synthetic import lesion_cases
+
+        case = lesion_cases(n_lesions=3)[0]
         return case.image, None, case.mask, case.box
     if args.image == "sample:mri":
         vol, _ = samples.mni152_volume()
@@ -163,7 +165,7 @@ def cmd_segment(args) -> int:
     import structsam
 
     from . import io
-    from .metrics import dice
+    from .eval.metrics import dice
     from .vis import legend_strip, merge_map_layers, merge_picture, save_png
 
     # everything that can be wrong is checked before the model loads and the encoder runs
@@ -241,32 +243,23 @@ def cmd_info(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    import torch
-
-    import structsam
-
-    from . import samples
-    from .evaluate import quality_curve, write_json
-    from .report import quality_plot, quality_table
-
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model = structsam.load_model(args.model, checkpoint=args.checkpoint, device=args.device)
-    cases = samples.evaluation_cases(n_lesions=args.lesions)
-    reductions = [float(r) for r in args.flops_reductions.split(",")]
-    res = quality_curve(model, cases, reductions=reductions, method=args.method)
-    write_json(out / "quality.json", res)
-    (out / "quality.md").write_text(quality_table(res))
-    quality_plot(res, out / "quality.png")
-    print(quality_table(res))
-    return 0
+    """A preset of ``bench``: one method, both modes, cuts 10-40 %, no timing."""
+    args.methods = args.method
+    args.models = args.model
+    args.checkpoint = [f"{args.model}={args.checkpoint}"] if args.checkpoint else None
+    args.modes = "plain,prompt"
+    args.repeats = 0
+    for name, value in _BENCH_DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, value)
+    return cmd_bench(args)
 
 
 def cmd_speed(args) -> int:
+    import json
+
     import torch
 
-    from .evaluate import write_json
     from .speed import speed_report, speed_table
 
     torch.set_num_threads(args.threads)
@@ -282,7 +275,7 @@ def cmd_speed(args) -> int:
         method=args.method,
         compile=args.compile,
     )
-    write_json(out / "speed.json", res)
+    (out / "speed.json").write_text(json.dumps(res, indent=1, default=float))
     (out / "speed.md").write_text(speed_table(res))
     return 0
 
@@ -294,30 +287,112 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
         raise SystemExit(f"error: {option} {text}: give comma-separated numbers") from None
 
 
+_BENCH_DEFAULTS = {
+    "prompts": "box,point",
+    "jitter": 0.0,
+    "data": None,
+    "limit": None,
+    "lesions": 60,
+    "random_weight_cases": 2,
+    "calibration_cases": 4,
+    "spectral_cases": 3,
+    "split": "test",
+    "cache": None,
+    "quick": False,
+    "quiet": False,
+}
+# --quick: a first look in a few minutes (one cut, box prompts, fewer cases, no timing)
+_QUICK = {"flops_reductions": "0.30", "prompts": "box", "limit": 30, "repeats": 0}
+_PARSER_DEFAULTS = {"flops_reductions": "0.25,0.30,0.40", "prompts": "box,point", "limit": None}
+_PARSER_DEFAULTS["repeats"] = 3
+
+
 def _bench_cases(args, quality: bool):
-    from . import samples
+    """(scored cases, tuning cases for calibration) from the bundled set or ``--data``."""
+    from .eval import synthetic
 
     if args.data:
-        from .datasets import load_dataset
+        from .eval.datasets import load_dataset
 
-        return load_dataset(args.data, limit=args.limit)
-    cases = samples.evaluation_cases(n_lesions=args.lesions) + samples.anatomy_cases()
+        cases = load_dataset(args.data)
+    else:
+        cases = synthetic.evaluation_cases(n_lesions=args.lesions)
+    scored = synthetic.split_cases(cases, args.split)
+    tuning = synthetic.split_cases(cases, "tuning") or cases
     if not quality:  # random weights: FLOPs, time and distortion need only a few images
-        cases = cases[: args.random_weight_cases]
-    return cases[: args.limit] if args.limit else cases
+        scored = scored[: args.random_weight_cases]
+    if args.limit:
+        scored = scored[:: max(1, len(scored) // args.limit)][: args.limit]
+    if not scored:
+        raise StructSAMError(f"no case in the {args.split} split")
+    return scored, tuning
 
 
-def cmd_bench(args) -> int:
-    import json
-
-    import torch
+def _bench_model(args, name, ckpt, settings, log_file, on_update):
     from tqdm import tqdm
 
     import structsam
 
-    from .bench import bench_model, plan_settings
-    from .report import bench_plots, bench_table
+    from .eval.protocol import BenchConfig, run_bench
 
+    quality = ckpt != "random"
+    model = structsam.load_model(name, checkpoint=ckpt, device=args.device)
+    cases, tuning = _bench_cases(args, quality)
+    cache = Path(args.cache) if args.cache else Path(args.out) / "dense_cache"
+    config = BenchConfig(
+        prompt_kinds=tuple(p.strip() for p in args.prompts.split(",")),
+        jitter=args.jitter,
+        quality=quality,
+        repeats=args.repeats,
+        calib_count=1 if not quality else args.calibration_cases,
+        spectral_count=1 if not quality else args.spectral_cases,
+        cache_dir=cache,
+        split=args.split,
+    )
+    with tqdm(total=len(cases), desc=name, unit="encode", disable=args.quiet) as bar:
+
+        def log(line, bar=bar):
+            bar.write(line)
+            print(line, file=log_file, flush=True)
+
+        return run_bench(
+            name + (" (random weights)" if not quality else ""),
+            model,
+            cases,
+            tuning,
+            settings,
+            config,
+            progress=bar.update,
+            set_total=lambda n, bar=bar: setattr(bar, "total", n),
+            log=log,
+            on_update=on_update,
+        )
+
+
+def _write_bench(out: Path, results: list[dict], command: str) -> str:
+    import json
+
+    from .eval.report import bench_plots, bench_table, spectral_plot
+
+    for res in results:
+        res["command"] = command
+    tables = "\n".join(bench_table(r) for r in results)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    (out / "results.md").write_text(f"`{command}`\n\n" + tables)
+    bench_plots(results, out / "bench.png")
+    spectral_plot(results, out / "spectral.png")
+    return tables
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from .eval.protocol import plan_settings, timestamp
+
+    if args.quick:  # the preset's values, where the command line left the default
+        for name, value in _QUICK.items():
+            if getattr(args, name) == _PARSER_DEFAULTS.get(name):
+                setattr(args, name, value)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -328,43 +403,47 @@ def cmd_bench(args) -> int:
             raise StructSAMError(f"--checkpoint takes MODEL=PATH (or MODEL=random), got {item!r}")
         checkpoints[model_name] = value
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    reductions = [float(r) for r in args.flops_reductions.split(",")]
-    modes = tuple(m.strip() for m in args.modes.split(","))
-    results = []
-    for name in models:
-        ckpt = checkpoints.get(name)
-        quality = ckpt != "random"
-        model = structsam.load_model(name, checkpoint=ckpt, device=args.device)
-        cases = _bench_cases(args, quality)
-        settings = plan_settings(methods, reductions, modes)
-        fast = not quality
-        total = len(cases) * (len(settings) + 1)
-        with tqdm(total=total, desc=name, unit="encode", disable=args.quiet) as bar:
-            res = bench_model(
-                name + (" (random weights)" if not quality else ""),
-                model,
-                cases,
-                settings,
-                prompt=args.prompt,
-                jitter=args.jitter,
-                quality=quality,
-                repeats=args.repeats,
-                calib_count=1 if fast else args.calibration_cases,
-                spectral_count=1 if fast else 2,
-                progress=bar.update,
-                set_total=lambda n, bar=bar: setattr(bar, "total", n),
-                log=bar.write,
+    methods = _method_specs(args.methods)
+    settings_for = {
+        m: plan_settings(
+            methods,
+            _floats(args.flops_reductions, "--flops-reductions"),
+            tuple(x.strip() for x in args.modes.split(",")),
+        )
+        for m in models
+    }
+    command = "structsam " + " ".join(sys.argv[1:])
+    results: list[dict] = []
+    with open(out / "bench.log", "a") as log_file:
+        print(f"{timestamp()} {command}", file=log_file, flush=True)
+        for name in models:
+
+            def partial(res, done=results):
+                _write_bench(out, [*done, res], command)
+
+            res = _bench_model(
+                args, name, checkpoints.get(name), settings_for[name], log_file, partial
             )
-        results.append(res)
-        del model
-        tables = "\n".join(bench_table(r) for r in results)
-        (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
-        (out / "results.md").write_text(tables)
-        bench_plots(results, out / "bench.png")
+            results.append(res)
+            tables = _write_bench(out, results, command)
     print(tables)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'bench.png'}")
     return 0
+
+
+def _method_specs(text: str) -> list[str]:
+    """Comma-separated methods, where a method may carry options in brackets:
+    ``structsam[screen=2,rough=0.2],tome``."""
+    specs, depth, cur = [], 0, ""
+    for ch in text:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            specs.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    specs.append(cur.strip())
+    return [s for s in specs if s]
 
 
 def cmd_embed(args) -> int:
@@ -510,13 +589,16 @@ def build_parser(extra_commands=()) -> argparse.ArgumentParser:
     parser = _Parser(prog="structsam", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_segment(sub)
-    ev = sub.add_parser("evaluate", help="quality at matched FLOPs cuts on the bundled cases")
+    ev = sub.add_parser(
+        "evaluate", help="a preset of bench: one method, both modes, cuts 10-40 %%, no timing"
+    )
     ev.add_argument("--model", default="litemedsam")
     ev.add_argument("--checkpoint", default=None)
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--method", default="structsam")
     ev.add_argument("--flops-reductions", default="0.1,0.2,0.3,0.4")
-    ev.add_argument("--lesions", type=int, default=24)
+    ev.add_argument("--split", default="test", choices=["test", "tuning", "all"])
+    ev.add_argument("--lesions", type=int, default=60)
     ev.add_argument("--threads", type=int, default=2)
     ev.add_argument("--out", default="eval_out")
     ev.set_defaults(func=cmd_evaluate)
@@ -546,14 +628,25 @@ def build_parser(extra_commands=()) -> argparse.ArgumentParser:
     be.add_argument("--methods", default="structsam,tome,pitome,tomesd,vidtome,algm,random")
     be.add_argument("--flops-reductions", default="0.25,0.30,0.40")
     be.add_argument("--modes", default="plain,prompt", help="plain (content only), prompt")
-    be.add_argument("--prompt", default="box", choices=["box", "point", "box+point"])
+    be.add_argument("--prompts", default="box,point", help="prompt kinds per case: box,point")
     be.add_argument("--jitter", type=float, default=0.0, help="box jitter, fraction of its side")
     be.add_argument("--data", default=None, help="dataset folder/file (default: bundled cases)")
-    be.add_argument("--limit", type=int, default=None, help="use at most this many cases")
-    be.add_argument("--lesions", type=int, default=24)
+    be.add_argument(
+        "--split",
+        default="test",
+        choices=["test", "tuning", "all"],
+        help="which split is scored (rates are always calibrated on the tuning split)",
+    )
+    be.add_argument("--limit", type=int, default=None, help="score at most this many cases")
+    be.add_argument("--lesions", type=int, default=60)
     be.add_argument("--random-weight-cases", type=int, default=2)
     be.add_argument("--calibration-cases", type=int, default=4)
-    be.add_argument("--repeats", type=int, default=5, help="timed encodes per setting")
+    be.add_argument("--spectral-cases", type=int, default=3)
+    be.add_argument("--repeats", type=int, default=3, help="timed encodes per setting (0: none)")
+    be.add_argument(
+        "--cache", default=None, help="dense-pass cache folder (default OUT/dense_cache)"
+    )
+    be.add_argument("--quick", action="store_true", help="a first look: -30 %% only, 30 cases, box")
     be.add_argument("--device", default="cpu")
     be.add_argument("--threads", type=int, default=2)
     be.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1,4 +1,5 @@
-"""The benchmark: spectral distortion, peak memory, prompts, and one small end-to-end run."""
+"""The evaluation protocol: spectral distortion, peak memory, prompts, calibration, report, and
+one small end-to-end run."""
 
 import json
 
@@ -6,58 +7,72 @@ import numpy as np
 import pytest
 import torch
 
-from structsam.bench import Setting, bench_model, case_prompt, peak_memory, plan_settings
 from structsam.errors import StructSAMError
-from structsam.report import bench_plots, bench_table, bench_verdicts
-from structsam.samples import coin_cases
-from structsam.spectral import spectral_distortion
+from structsam.eval.protocol import (
+    BenchConfig,
+    Setting,
+    calibrate_targets,
+    case_prompt,
+    parse_method,
+    peak_memory,
+    plan_settings,
+    run_bench,
+    well_posed,
+)
+from structsam.eval.report import bench_plots, bench_table, paired, spectral_plot, verdicts
+from structsam.eval.spectral import global_distortion, spectral_distortion, window_distortion
+from structsam.eval.synthetic import coin_cases, phantom_cases
 
 
-def _pairs_map(h, w):
-    """Merge map grouping horizontal neighbour pairs (0,1), (2,3), ..."""
-    ids = np.arange(h * w).reshape(h, w)
-    ids[:, 1::2] = ids[:, 0::2]
-    return ids
+def _two_regions(h=16, w=16, edge=8, seed=0):
+    """Two flat regions (features a | b) split by a vertical edge at column ``edge``."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=8), rng.normal(size=8)
+    feat = np.where((np.arange(w) < edge)[None, :, None], a, b)
+    return torch.tensor(feat + 0.01 * rng.normal(size=(h, w, 8)))
 
 
-def test_spectral_distortion_is_zero_without_merging_and_for_duplicates():
-    torch.manual_seed(0)
-    feat = torch.randn(12, 12, 16)
-    assert spectral_distortion(feat, np.arange(144).reshape(12, 12), 5) == pytest.approx(
-        0, abs=1e-9
+def _cells(h, w, shift=0):
+    """2x2 cells; ``shift`` moves the column boundaries (1: cells straddle column 8's edge)."""
+    r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    return (r // 2) * w + (c + shift) // 2
+
+
+def test_toy_merging_across_an_edge_scores_far_worse_than_within_regions():
+    feat = _two_regions()
+    none = np.arange(256).reshape(16, 16)
+    assert global_distortion(feat, none) == pytest.approx(0, abs=1e-9)
+    within = global_distortion(feat, _cells(16, 16))
+    across = global_distortion(feat, _cells(16, 16, shift=1))
+    assert 0 < within < 5
+    assert across > 100 * within
+    # per window (one 16x16 window = the whole grid): the same verdict
+    assert window_distortion(feat, _cells(16, 16, 1), 16) > 100 * window_distortion(
+        feat, _cells(16, 16), 16
     )
-    dup = feat.clone()
-    dup[:, 1::2] = dup[:, 0::2]  # every pair holds two identical tokens
-    assert spectral_distortion(dup, _pairs_map(12, 12), 6) == pytest.approx(0, abs=1e-9)
-    # the same partition over distinct random tokens does distort
-    assert spectral_distortion(feat, _pairs_map(12, 12), 6) > 0.01
 
 
-def test_similarity_guided_merging_distorts_less_than_random():
-    """Piecewise-constant features with noise: pairing tokens of one region distorts the
-    spectrum less than pairing tokens at random (the paper's argument, after PiToMe)."""
+def test_guided_merging_distorts_less_than_random_pairs():
     gen = torch.Generator().manual_seed(1)
     h = w = 16
-    region = (torch.arange(h)[:, None] // 4 + torch.arange(w)[None, :] // 4) % 3  # 3 classes
-    centres = torch.randn(3, 24, generator=gen)
-    feat = centres[region] + 0.05 * torch.randn(h, w, 24, generator=gen)
-    guided = _pairs_map(h, w)  # neighbours: same 4x4 block, so same region
-    rng = np.random.default_rng(0)
-    perm = rng.permutation(h * w)
+    region = (torch.arange(h)[:, None] // 4 + torch.arange(w)[None, :] // 4) % 3
+    feat = torch.randn(3, 24, generator=gen)[region] + 0.05 * torch.randn(h, w, 24, generator=gen)
+    guided = np.arange(h * w).reshape(h, w)
+    guided[:, 1::2] = guided[:, 0::2]  # horizontal pairs inside 4x4 blocks
+    perm = np.random.default_rng(0).permutation(h * w)
     rand = np.empty(h * w, int)
     rand[perm[0::2]] = perm[0::2]
-    rand[perm[1::2]] = perm[0::2]  # random pairs, same count of merges
-    d_guided = spectral_distortion(feat, guided, None)
-    d_random = spectral_distortion(feat, rand.reshape(h, w), None)
-    assert d_guided < 0.5 * d_random
+    rand[perm[1::2]] = perm[0::2]  # random pairs, the same number of merges
+    both = spectral_distortion(feat, guided, 8)
+    worse = spectral_distortion(feat, rand.reshape(h, w), 8)
+    assert both["global"] < 0.1 * worse["global"]
 
 
-def test_spectral_distortion_handles_cut_windows():
+def test_window_distortion_handles_cut_windows():
     """10x10 grid, window 4: windows of 16, 8 and 4 tokens at the edges."""
-    torch.manual_seed(0)
-    feat = torch.randn(10, 10, 8)
-    value = spectral_distortion(feat, _pairs_map(10, 10), 4)
-    assert 0 < value < 2
+    feat = torch.randn(10, 10, 8, generator=torch.Generator().manual_seed(0))
+    value = window_distortion(feat, _cells(10, 10), 4)
+    assert np.isfinite(value) and value > 0
 
 
 def test_peak_memory_sees_intermediates():
@@ -65,8 +80,7 @@ def test_peak_memory_sees_intermediates():
         big = x.repeat(64, 1)  # 64x the input, freed before the end
         return big.sum(0, keepdim=True)
 
-    x = torch.ones(1, 4096)
-    peak = peak_memory(encoder, x)
+    peak = peak_memory(encoder, torch.ones(1, 4096))
     assert 64 * 4096 * 4 <= peak < 2 * 64 * 4096 * 4
 
 
@@ -76,19 +90,21 @@ def test_case_prompt_box_point_and_jitter():
     assert set(box) == {"box"} and np.allclose(box["box"], case.box)
     both = case_prompt(case, "box+point")
     assert set(both) == {"box", "point_coords", "point_labels"}
-    assert both["point_labels"].tolist() == [1]
-    rng = np.random.default_rng(3)
-    j = case_prompt(case, "box", jitter=0.1, rng=rng)["box"]
+    j = case_prompt(case, "box", jitter=0.1, rng=np.random.default_rng(3))["box"]
     side = np.array([case.box[2] - case.box[0], case.box[3] - case.box[1]] * 2) + 1
     assert not np.allclose(j, case.box)
     assert np.all(np.abs(j - case.box) <= 0.1 * side + 1e-9)
-    assert j[0] <= j[2] and j[1] <= j[3]
-    with pytest.raises(StructSAMError, match="--prompt must be one of"):
+    with pytest.raises(StructSAMError, match="prompt must be one of"):
         case_prompt(case, "scribble")
 
 
-def test_plan_settings_gives_every_method_both_modes():
-    # prompt protection is the engine's: every method runs prompt-aware too
+def test_method_specs_and_settings():
+    assert parse_method("pitome[m0=0.75,margin=none]") == ("pitome", {"m0": 0.75, "margin": None})
+    assert parse_method("structsam") == ("structsam", {})
+    with pytest.raises(ValueError, match="unknown merge method"):
+        parse_method("tome2")
+    with pytest.raises(StructSAMError, match="key=value"):
+        parse_method("tome[fast]")
     keys = [s.key for s in plan_settings(["structsam", "tome"], [0.3])]
     assert keys == [
         "structsam/plain@0.30",
@@ -96,117 +112,84 @@ def test_plan_settings_gives_every_method_both_modes():
         "tome/plain@0.30",
         "tome/prompt@0.30",
     ]
+    s = Setting("structsam[screen=3]", "plain", 0.3)
+    assert s.name == "structsam" and s.options == {"screen": 3.0}
+
+
+def test_one_well_posed_rule():
+    assert well_posed({"dice": 0.85, "stability": 0.95})
+    assert not well_posed({"dice": 0.85, "stability": 0.95}, hint=False)
+    assert not well_posed({"dice": 0.79, "stability": 0.99})
+    assert not well_posed({"dice": 0.99, "stability": 0.89})
 
 
 @pytest.mark.slow
-def test_bench_model_end_to_end(litemedsam, tmp_path):
-    cases = coin_cases(2)
-    settings = plan_settings(["structsam"], [0.30]) + [Setting("tome", "plain", 0.60)]
-    res = bench_model(
-        "litemedsam",
-        litemedsam,
-        cases,
-        settings,
-        repeats=1,
-        calib_count=1,
-        spectral_count=1,
-        log=lambda s: None,
-    )
-    assert res["n_well_posed"] == 2  # coins: unmerged Dice ~0.98, stable under noise
-    by_key = {(s["method"], s["mode"], s["target"]): s for s in res["settings"]}
-    # matched compute: calibrated on one image to ±1 pp, measured on both
-    for mode in ("plain", "prompt"):
-        s = by_key[("structsam", mode, 0.3)]
-        assert s["flops_cut"] == pytest.approx(0.30, abs=0.03)
-        assert 0.5 < s["fidelity"] <= 1 and s["fidelity_min"] <= s["fidelity"]
-        assert s["spectral_distortion"] > 0
-        assert s["seconds"] > 0 and s["speedup"] > 0 and s["peak_memory"] > 0
-    # ToMe merges at most half the tokens per block: -60% is out of reach, and it says so
-    s = by_key[("tome", "plain", 0.6)]
-    assert s["rate"] is None and "cannot cut encoder FLOPs by 60%" in s["note"]
-    assert res["unmerged"]["dice"] > 0.95
-    table = bench_table(res)
-    assert "| unmerged |" in table and "out of reach" in table
-    path = tmp_path / "bench.png"
-    bench_plots([res], path)
-    assert path.stat().st_size > 10_000
-    json.dumps(res, default=float)  # JSON-ready
+@pytest.mark.parametrize("method", ["algm", "pitome"])
+def test_algm_and_pitome_reach_every_target_on_litemedsam(litemedsam, method):
+    """ALGM through its threshold tau (global stage on), PiToMe with its margin schedule: -25,
+    -30 and -40 % are all within reach, calibrated on two images."""
+    cases = phantom_cases()[:1] + coin_cases(1)
+    images = [c.image for c in cases]
+    prompts = [case_prompt(c, "box") for c in cases]
+    rates = calibrate_targets(litemedsam, method, "plain", [0.25, 0.30, 0.40], images, prompts)
+    assert all(isinstance(r, float) for r in rates.values()), rates
+    assert rates[0.25] < rates[0.30] < rates[0.40]
 
 
-def _fake_result(ours_plain, ours_prompt, tome):
-    def s(method, mode, fid, drop):
-        return {"method": method, "mode": mode, "target": 0.3, "fidelity": fid, "dice_drop": drop}
+def _fake(fid_ours, fid_tome, names=("x", "y")):
+    def s(method, fid):
+        return {"method": method, "mode": "plain", "target": 0.3, "fidelity": fid, "dice": fid}
 
+    per = {
+        "structsam/plain@0.30": [
+            {"name": n, "fidelity": fid_ours, "dice": fid_ours} for n in names
+        ],
+        "tome/plain@0.30": [
+            {"name": n, "fidelity": fid_tome + 0.01 * i, "dice": fid_tome}
+            for i, n in enumerate(names)
+        ],
+    }
     return {
         "quality": True,
-        "settings": [
-            s("structsam", "plain", *ours_plain),
-            s("structsam", "prompt", *ours_prompt),
-            s("tome", "plain", *tome),
-            s("random", "plain", 0.99, -0.5),  # the floor is not a rival
-        ],
+        "settings": [s("structsam", fid_ours), s("tome", fid_tome), s("random", 0.999)],
+        "per_setting_prompts": per,
     }
 
 
-def test_verdicts_compare_structsam_with_the_baselines_only():
-    lines = bench_verdicts(_fake_result((0.95, 0.01), (0.97, 0.002), (0.93, 0.02)))
-    assert len(lines) == 2
-    assert all("→ best" in line and "→ smallest" in line for line in lines)
-    lines = bench_verdicts(_fake_result((0.90, 0.03), (0.97, 0.002), (0.93, 0.02)))
-    assert "NOT best" in lines[0] and "NOT smallest" in lines[0]
-    assert "NOT" not in lines[1]
-
-
-def test_paired_dice_difference_uses_well_posed_cases_only():
-    from structsam.report import _paired_dice
-
-    a = {"method": "structsam", "mode": "plain", "target": 0.3}
-    b = {"method": "tome", "mode": "plain", "target": 0.3}
-    res = {
-        "cases": [
-            {"name": "x", "well_posed": True},
-            {"name": "y", "well_posed": True},
-            {"name": "z", "well_posed": False},
-        ],
-        "per_setting_cases": {
-            "structsam/plain@0.30": [
-                {"name": "x", "dice": 0.90},
-                {"name": "y", "dice": 0.80},
-                {"name": "z", "dice": 0.10},
-            ],
-            "tome/plain@0.30": [
-                {"name": "x", "dice": 0.88},
-                {"name": "y", "dice": 0.80},
-                {"name": "z", "dice": 0.90},
-            ],
-        },
-    }
-    mean, se = _paired_dice(res, a, b)
-    assert mean == pytest.approx(1.0)  # (+2 + 0) / 2 points; z is ignored
-    assert se == pytest.approx(1.0)  # std of (2, 0) is sqrt(2), over sqrt(2)
-    assert _paired_dice({"per_setting_cases": {}}, a, b) is None
+def test_verdicts_name_the_best_rival_and_the_cases_behind_a_loss():
+    res = _fake(0.95, 0.93)
+    (line,) = verdicts(res)  # random is no rival
+    assert "→ first" in line and "tome" in line
+    res = _fake(0.90, 0.93)
+    (line,) = verdicts(res)
+    assert "NOT first" in line and "largest deficits: y" in line
+    mean, se, n = paired(res, res["settings"][0], res["settings"][1], "fidelity")
+    assert mean == pytest.approx(-3.5) and se == pytest.approx(0.5) and n == 2
 
 
 @pytest.mark.slow
-def test_bench_without_quality_reports_flops_time_and_distortion(litemedsam, tmp_path):
-    # the random-weights path (vit_b with checkpoint="random"): no masks, no quality columns
-    res = bench_model(
-        "litemedsam (as if random)",
-        litemedsam,
-        coin_cases(1),
-        [Setting("structsam", "plain", 0.30), Setting("tome", "plain", 0.30)],
-        quality=False,
-        repeats=1,
-        calib_count=1,
-        spectral_count=1,
-        log=lambda s: None,
-    )
-    assert "dice" not in res["unmerged"] and res["unmerged"]["flops"] > 0
-    for s in res["settings"]:
-        assert s["flops_cut"] == pytest.approx(0.30, abs=0.02)
-        assert "dice" not in s and "fidelity" not in s
-        assert s["spectral_distortion"] > 0 and s["speedup"] > 0
+def test_run_bench_end_to_end(litemedsam, tmp_path):
+    cases = coin_cases(2)
+    calib = phantom_cases()[:1]
+    settings = plan_settings(["structsam"], [0.30]) + [Setting("tome", "plain", 0.60)]
+    config = BenchConfig(prompt_kinds=("box",), repeats=1, calib_count=1, spectral_count=1)
+    config.cache_dir = tmp_path / "cache"
+    res = run_bench("litemedsam", litemedsam, cases, calib, settings, config, log=lambda s: None)
+    assert res["n_well_posed"] == 2  # coins: unmerged Dice ~0.98, stable under noise
+    assert res["calibration"]["cases"] == ["phantom-ellipse-3"]  # never a scored case
+    by_key = {(s["method"], s["mode"], s["target"]): s for s in res["settings"]}
+    for mode in ("plain", "prompt"):
+        s = by_key[("structsam", mode, 0.3)]
+        assert s["flops_cut"] == pytest.approx(0.30, abs=0.05)  # calibrated on another image
+        assert 0.5 < s["fidelity"] <= 1 and s["fidelity_min"] <= s["fidelity"]
+        assert s["spectral_global"] > 0 and s["spectral_window"] > 0
+        assert s["seconds"] > 0 and s["speedup"] > 0
+    s = by_key[("tome", "plain", 0.6)]
+    assert s["rate"] is None and "cannot cut FLOPs by 60%" in s["note"]
+    assert len(list(config.cache_dir.glob("*.pkl"))) == 2  # the dense pass is cached
     table = bench_table(res)
-    assert "no quality columns" in table and "| structsam |" in table
+    assert "−30% FLOPs" in table and "out of reach" in table
     bench_plots([res], tmp_path / "bench.png")
-    assert (tmp_path / "bench.png").stat().st_size > 10_000
+    spectral_plot([res], tmp_path / "spectral.png")
+    assert (tmp_path / "spectral.png").stat().st_size > 10_000
+    json.dumps(res, default=float)

@@ -11,8 +11,8 @@ import structsam.models
 from structsam.cli import main
 from structsam.errors import StructSAMError
 from structsam.io import read_volume
-from structsam.metrics import dice
-from structsam.samples import phantom_cases
+from structsam.eval.metrics import dice
+from structsam.eval.synthetic import phantom_cases
 
 
 def test_segment_a_nifti_slice(tmp_path, capsys):

@@ -4,8 +4,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from structsam import datasets
-from structsam.datasets import (
+from structsam.eval import datasets
+from structsam.eval.datasets import (
     detect_format,
     iter_dataset,
     load_dataset,

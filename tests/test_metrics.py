@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from structsam.errors import ImageError
-from structsam.metrics import boundary_iou, dice, iou, mask_boundary, mask_stability
+from structsam.eval.metrics import boundary_iou, dice, iou, mask_boundary, mask_stability
 
 
 def square(shape, r0, r1, c0, c1):

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from structsam import samples
-from structsam.samples import Case
+from structsam import samples as images
+from structsam.eval import synthetic as samples
+from structsam.eval.synthetic import Case
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def check_case(case: Case):
 
 
 def test_mni152_volume_and_slices():
-    vol, spacing = samples.mni152_volume()
+    vol, spacing = images.mni152_volume()
     assert vol.dtype == np.float32 and vol.ndim == 3
     assert spacing == (1.0, 1.0, 1.0)
     assert vol.shape == (189, 233, 197)  # (z, y, x)
@@ -59,7 +60,7 @@ def test_mni152_volume_and_slices():
         assert sl.max() > 0.5
         brain = samples.mni152_mask_slice("brain", plane)
         assert brain.shape == shape and brain.sum() > 0.2 * brain.size
-    vol2, _ = samples.mni152_volume()
+    vol2, _ = images.mni152_volume()
     axial = samples.mni152_slice("axial", 80)
     np.testing.assert_array_equal(axial, vol2[80, ::-1, :])
     with pytest.raises(ValueError):
@@ -69,7 +70,7 @@ def test_mni152_volume_and_slices():
 
 
 def test_all_cases_valid(cases, anatomy):
-    assert 30 <= len(cases) <= 40
+    assert 100 <= len(cases) <= 140
     for case in cases + anatomy:
         check_case(case)
     names = [c.name for c in cases + anatomy]
@@ -78,7 +79,8 @@ def test_all_cases_valid(cases, anatomy):
 
 def test_case_counts(cases, anatomy):
     kinds = Counter(c.kind for c in cases)
-    assert kinds["lesion-mri"] + kinds["lesion-ct"] >= 20
+    assert kinds["lesion-mri"] + kinds["lesion-ct"] >= 60
+    assert kinds["anatomy-mri"] >= 20  # the lateral ventricles
     assert kinds["lesion-ct"] >= 2
     assert kinds["phantom"] >= 4
     assert kinds["photo"] >= 4
@@ -197,3 +199,45 @@ def test_determinism():
 def test_case_from_mask_rejects_empty():
     with pytest.raises(ValueError):
         samples.case_from_mask("x", np.zeros((4, 4), np.float32), np.zeros((4, 4), bool), "photo")
+
+
+def test_ventricles_are_dark_csf_inside_the_brain():
+    vents = samples.ventricle_cases()
+    assert {c.meta["plane"] for c in vents} == set(samples.PLANES)
+    for c in vents:
+        check_case(c)
+        brain = images.mni152_mask_slice("brain", c.meta["plane"], c.meta["slice_index"])
+        assert brain[c.mask].all(), c.name
+        ring = ndi.binary_dilation(c.mask, iterations=3) & ~c.mask & brain
+        # CSF is ~0.25 in the template, the tissue around a ventricle ~0.5 and more
+        assert c.image[c.mask].mean() < 0.4 < c.image[ring].mean(), c.name
+
+
+def test_split_keeps_every_source_on_one_side(cases):
+    tuning = samples.split_cases(cases, "tuning")
+    test = samples.split_cases(cases, "test")
+    assert len(tuning) + len(test) == len(cases)
+    assert {samples.source_of(c) for c in tuning}.isdisjoint(samples.source_of(c) for c in test)
+    # the same slab of MNI slices (lesions and ventricles) never straddles the split
+    slabs = {}
+    for c in cases:
+        slabs.setdefault(samples.source_of(c), set()).add(samples.split_of(c))
+    assert all(len(sides) == 1 for sides in slabs.values())
+    assert len(test) >= 60 and len(tuning) >= 20
+    assert {c.kind for c in test} >= {"lesion-mri", "lesion-ct", "photo", "anatomy-mri"}
+    # deterministic, and decided by the source alone
+    assert [c.name for c in samples.split_cases(cases, "test")] == [c.name for c in test]
+    with pytest.raises(ValueError, match="split"):
+        samples.split_cases(cases, "train")
+
+
+def test_loaded_cases_split_by_file():
+    img = np.zeros((8, 8), np.float32)
+    mask = np.zeros((8, 8), bool)
+    mask[2:4, 2:4] = True
+    a = [
+        samples.case_from_mask(f"a{i}", img, mask, "npz", meta={"source": "vol1.npz"})
+        for i in range(3)
+    ]
+    sides = {samples.split_of(c) for c in a}
+    assert len(sides) == 1  # every slice of one file on one side

@@ -16,22 +16,22 @@ Adaptation to SAM:
 
 - Cells are ``Grid.cell_id`` cells, cut at window edges (a cut cell of two tokens or one column
   still collapses when similar enough; a one-token cell cannot).
-- ``rate``: the cells above ``tau`` always collapse, and ``rate`` sets a floor: when they remove
-  fewer than ``round(rate * N)`` tokens, further cells collapse in descending score order until
-  that many are removed (whole cells, so up to 2 tokens more). This keeps ALGM's adaptive
-  threshold and gives a knob for matched-compute comparisons (calibrate on measured FLOPs: on a
-  flat image the threshold alone can remove up to 3/4 of the tokens, whatever the rate; at rate
-  0 only the threshold acts). ``tau=None`` drops the threshold (rate-only). ``max_rate`` is 0.75,
-  the most CTM can remove (3 of 4 tokens per full cell).
-- ``global_stage=True`` runs GTM after CTM, on the kept tokens of each window (the split
-  alternates over their raster order inside the window and matching stays in the window);
-  ``layer`` (default 1) is ALGM's layer index in the threshold. It removes tokens beyond
-  ``rate``. ALGM runs CTM once early and GTM once later and keeps tokens merged to the decoder;
-  here the engine asks for one assignment per stage and unmerges after every block, so both
-  stages act on the same block input.
+- ``rate`` is ALGM's own knob, the threshold: ``tau = 1 - rate / 0.75`` (rate 0.75 -> tau 0,
+  every cell with a non-negative mean similarity collapses; rate 0.09 -> tau 0.88, Segmenter's
+  value). Calibrating ``rate`` on FLOPs is therefore calibrating ``tau``: at Segmenter's 0.88
+  CTM alone cut 29.7 % of LiteMedSAM's FLOPs, so -25 % was out of reach with the threshold held
+  fixed. Pass ``tau=`` to fix the threshold instead (then ``rate`` is unused).
+- Global stage (GTM, on by default): ALGM runs CTM at an early layer and GTM at a later one; the
+  engine asks for one assignment per stage, so GTM runs in the stages that start at or after
+  ``global_from`` (a fraction of the encoder's depth, 0.5 by default, where ALGM's recipe puts
+  it in ViT-S: layer 5 of 12) on the tokens CTM kept, with ALGM's adaptive threshold
+  ``mean + std / layer`` where ``layer`` is the stage's first block (1-based). Its count is
+  adaptive (not set by ``rate``). The engine passes ``depth=(block, n_blocks)``; called without
+  it, GTM runs whenever ``global_stage`` is on, with ``layer`` 1.
 - Counts are per image (ALGM takes the minimum over the batch to keep tensor shapes equal).
 - Metric: the block input after a LayerNorm without affine, compared by cosine similarity
-  (ALGM uses the raw tokens for CTM and the keys for GTM).
+  (ALGM uses the raw tokens for CTM and the keys for GTM). Merging is the engine's
+  merge-compute-unmerge per stage, where ALGM keeps tokens merged to the decoder.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ from __future__ import annotations
 import torch
 
 from .grid import Grid
-from .structsam import select_cells
 from .tome import INF, bipartite, keep_all, unit_metric
+
+MAX_RATE = 0.75  # rate at which tau reaches 0
 
 
 def cell_similarity(metric: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -66,29 +67,36 @@ def algm_merge(
     protect: torch.Tensor | None = None,
     *,
     generator: torch.Generator | None = None,
-    tau: float | None = 0.88,
-    global_stage: bool = False,
-    layer: int = 1,
+    tau: float | None = None,
+    global_stage: bool = True,
+    global_from: float = 0.5,
+    depth: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, W, C) features -> (dst (B, N), protected (B, N) all False). See the module
-    docstring; ``protect`` and ``generator`` are unused."""
+    docstring; ``protect`` and ``generator`` are unused (the engine protects prompts)."""
     idx, none = keep_all(feat, grid)
     b, n = idx.shape
     dev = feat.device
     metric = unit_metric(feat)
     score = cell_similarity(metric, grid)  # (B, n_cells)
-    budget = torch.full((b,), round(rate * n), device=dev)
-    chosen = select_cells(-score, grid, budget)  # highest scores first
-    if tau is not None:
-        chosen |= score >= tau
+    threshold = 1.0 - rate / MAX_RATE if tau is None else float(tau)
+    chosen = score >= threshold
     last = torch.full((grid.n_cells,), -1, dtype=torch.long, device=dev)
     last = last.scatter_reduce(0, grid.cell_id, torch.arange(n, device=dev), reduce="amax")
     cid = grid.cell_id.expand(b, -1)
     dst = torch.where(chosen.gather(1, cid), last[grid.cell_id].expand(b, -1), idx)
+    layer = 1
+    if depth is not None:
+        block, n_blocks = depth
+        layer = block + 1
+        global_stage = global_stage and block >= global_from * n_blocks
     if not global_stage:
         return dst, none
+    return _global_stage(metric, grid, dst, idx, layer), none
 
-    # GTM on the tokens CTM kept, with ALGM's adaptive threshold mean + std / layer
+
+def _global_stage(metric, grid: Grid, dst, idx, layer: int) -> torch.Tensor:
+    """GTM on the tokens CTM kept, with ALGM's adaptive threshold mean + std / layer."""
     kept = dst == idx
     sim, target, _ = bipartite(metric, grid, kept)
     finite = torch.isfinite(sim)
@@ -100,4 +108,7 @@ def algm_merge(
     merged = finite & (sim >= mean + std / layer)
     dst2 = torch.where(merged, target, idx)
     # CTM groups whose destination merged in GTM follow it: one level, no chains
-    return dst2.gather(1, dst), none
+    return dst2.gather(1, dst)
+
+
+algm_merge.depth_aware = True  # the engine passes depth=(block, n_blocks)

@@ -29,7 +29,7 @@ BASELINES = (
         0.5,
         False,
         "fraction of tokens merged by PiToMe (the 2x highest-energy tokens are mergeable, "
-        "the rest protected; at most half)",
+        "the rest protected; at most half; margin 0.9 (1 - depth))",
     ),
     (
         "tomesd",
@@ -52,8 +52,8 @@ BASELINES = (
         algm_merge,
         0.75,
         False,
-        "floor on the fraction removed by collapsing 2x2 cells (ALGM CTM): cells with mean "
-        "similarity >= tau always collapse, more in score order up to the rate",
+        "ALGM's threshold, tau = 1 - rate / 0.75: 2x2 cells with mean similarity >= tau "
+        "collapse (CTM), then adaptive global matching in the later half (GTM)",
     ),
     (
         "random",

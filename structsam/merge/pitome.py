@@ -18,10 +18,11 @@ Adaptation to SAM:
   odd number of mergeable tokens has one A token more than B tokens; of all A tokens the ``r``
   with the highest energy merge. An A token alone in its window (one mergeable token there) has
   no B to go to, so the count can fall short by at most one token per such window.
-- Margin: fixed, ``margin=0.5`` by default as in the ``tome_sam`` port. PiToMe schedules it per
-  layer, ``m_l = m0 * (1 - l / L)`` (m0 = 0.9 in its BLIP/CLIP patches, 0.75 in its timm patch),
-  which needs the block index; a method here does not see it, so pass ``margin`` to emulate one
-  stage of the schedule. ``alpha`` = 1 as in PiToMe.
+- Margin: scheduled over depth as in PiToMe, ``m_l = m0 * (1 - l / L)`` for a stage whose first
+  block is ``l`` of ``L`` (the engine passes ``depth=(l, L)``; m0 = 0.9 as in PiToMe's BLIP/CLIP
+  patches, 0.75 in its timm patch): early stages need near-duplicates to count as redundant,
+  late ones count looser similarity. ``margin=`` fixes it instead (the ``tome_sam`` port's
+  0.5); called without ``depth`` and without ``margin``, the margin is ``m0``.
 - Metric: the block input after a LayerNorm without affine (PiToMe uses the attention keys),
   compared by cosine similarity.
 - ``protected`` reports the low-energy tokens outside the top ``2r`` (for overlays).
@@ -61,18 +62,25 @@ def pitome_merge(
     protect: torch.Tensor | None = None,
     *,
     generator: torch.Generator | None = None,
-    margin: float = 0.5,
+    margin: float | None = None,
+    m0: float = 0.9,
     alpha: float = 1.0,
+    depth: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, W, C) features -> (dst (B, N), protected (B, N): the low-energy tokens). See the
-    module docstring; ``protect`` and ``generator`` are unused."""
+    module docstring; ``protect`` and ``generator`` are unused (the engine protects prompts)."""
     idx, none = keep_all(feat, grid)
     r = min(round(rate * grid.n), grid.n // 2)
     if r <= 0:
         return idx, none
+    if margin is None:
+        margin = m0 * (1 - depth[0] / depth[1]) if depth is not None else m0
     metric = unit_metric(feat)
     energy = window_energy(metric, grid, margin, alpha)
     mergeable = top_r(energy, 2 * r)
     sim, target, _ = bipartite(metric, grid, mergeable, order=-energy)
     merged = top_r(torch.where(torch.isfinite(sim), energy, -INF), r)
     return torch.where(merged, target, idx), ~mergeable
+
+
+pitome_merge.depth_aware = True  # the engine passes depth=(block, n_blocks)

@@ -8,11 +8,13 @@
 3. Destination: the lowest-energy token of each selected cell. Sources are ranked by their
    cosine similarity to it and the most similar are merged until the budget is met (the least
    similar stay as they are), as in the co-authors' "cell PiToMe" matching. ``screen`` sets how
-   many cells are candidates: the flattest cells holding ``screen`` times the budget. At 1 every
-   candidate cell merges whole; at 2 (default) flatness only screens out the roughest cells
-   and similarity picks the sources among the rest. On the bench's 20 well-posed LiteMedSAM
-   cases at -30 % FLOPs, 2 raised fidelity IoU from 0.934 to 0.962 (content-only) and from
-   0.970 to 0.981 (prompt-aware); 1.5 and 3 gave 0.959 and 0.961.
+   many cells are candidates: the flattest cells holding ``screen`` times the budget, capped so
+   that the roughest ``rough`` fraction of the cells (by their removable tokens) is never a
+   candidate unless the budget needs it. At ``screen=1`` every candidate cell merges whole; at 2
+   (default) flatness screens out the roughest cells and similarity picks the sources among the
+   rest. Without the cap (``rough=0``) ``screen=2`` made every cell a candidate beyond a rate of
+   3/8 (-40 % FLOPs needs about 0.46), and flatness protected nothing. The defaults were chosen
+   on the tuning split (docs/bench_tuning/README.md).
 4. Recovery: each source token takes its group's update back (``Plan.unmerge``).
 
 ``metric_dim=32`` computes energy and similarity on channels averaged in groups of 32 (a
@@ -77,6 +79,17 @@ def select_cells(flatness: torch.Tensor, grid: Grid, budget: torch.Tensor) -> to
     return torch.zeros_like(chosen_sorted).scatter(1, order, chosen_sorted)
 
 
+def candidate_budget(flat, grid: Grid, budget, screen: float, rough: float) -> torch.Tensor:
+    """(B,) tokens the candidate cells may remove: ``screen`` times the budget, but never so
+    many that the roughest ``rough`` fraction of the mergeable tokens' cells is reached, unless
+    the budget itself needs them. Without the cap, ``screen=2`` makes every cell a candidate
+    once the rate passes 3/8 and nothing stays protected for being rough."""
+    gain = (grid.cell_count - 1).clamp(min=0).to(flat.dtype)
+    total = torch.where(torch.isfinite(flat), gain[None], 0).sum(1)
+    cap = (1 - rough) * total
+    return torch.maximum(budget.to(flat.dtype), torch.minimum(budget * screen, cap))
+
+
 def _finite_mean(x: torch.Tensor) -> torch.Tensor:
     finite = torch.isfinite(x)
     return torch.where(finite, x, 0).sum(1) / finite.sum(1).clamp(min=1)
@@ -107,6 +120,7 @@ def structsam_merge(
     coarse: int = 1,
     metric_dim: int | None = None,
     screen: float = 2.0,
+    rough: float = 0.2,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, W, C) features -> (dst (B, N), protected (B, N) bool). See the module docstring."""
@@ -132,7 +146,7 @@ def structsam_merge(
                 * (_finite_mean(flat)[:, None])
             )
     budget = torch.full((b,), round(rate * n), device=dev)
-    chosen = select_cells(flat, grid, budget * screen)  # (B, n_cells)
+    chosen = select_cells(flat, grid, candidate_budget(flat, grid, budget, screen, rough))
     cell_dst = cell_argmin(e, grid)  # (B, n_cells)
 
     idx = torch.arange(n, device=dev).expand(b, -1)

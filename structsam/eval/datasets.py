@@ -48,9 +48,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ImageError, StructSAMError
-from .io import PathLike, file_format, read_image, read_volume
-from .samples import Case, case_from_mask
+from ..errors import ImageError, StructSAMError
+from ..io import PathLike, file_format, read_image, read_volume
+from .synthetic import Case, case_from_mask
 
 __all__ = [
     "FORMATS",

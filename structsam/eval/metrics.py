@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from .errors import ImageError
+from ..errors import ImageError
 
 __all__ = ["boundary_iou", "dice", "iou", "mask_boundary", "mask_stability"]
 

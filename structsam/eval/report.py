@@ -1,0 +1,231 @@
+"""Tables and plots from :func:`structsam.eval.protocol.run_bench` results."""
+
+from __future__ import annotations
+
+import numpy as np
+
+OURS = "structsam"
+
+
+def _key(s: dict) -> str:
+    return f"{s['method']}/{s['mode']}@{s['target']:.2f}"
+
+
+def _base(method: str) -> str:
+    return method.split("[", 1)[0]
+
+
+def paired(res: dict, a: dict, b: dict, field: str = "dice") -> tuple[float, float, int] | None:
+    """Mean and standard error (points) of the per-prompt ``field`` of setting ``a`` minus
+    ``b`` over the scored well-posed prompts, and their count."""
+    per = res.get("per_setting_prompts", {})
+    if _key(a) not in per or _key(b) not in per:
+        return None
+    va = {r["name"]: r[field] for r in per[_key(a)]}
+    vb = {r["name"]: r[field] for r in per[_key(b)]}
+    diff = np.array([100 * (va[n] - vb[n]) for n in va if n in vb])
+    if len(diff) < 2:
+        return None
+    return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff))), len(diff)
+
+
+def worst_cases(res: dict, a: dict, b: dict, count: int = 3) -> list[tuple[str, float]]:
+    """The prompts where ``a``'s fidelity falls furthest below ``b``'s (name, points)."""
+    per = res.get("per_setting_prompts", {})
+    va = {r["name"]: r["fidelity"] for r in per.get(_key(a), [])}
+    vb = {r["name"]: r["fidelity"] for r in per.get(_key(b), [])}
+    gaps = sorted((100 * (va[n] - vb[n]), n) for n in va if n in vb)
+    return [(n, g) for g, n in gaps[:count] if g < 0]
+
+
+def _ours(at: list[dict]) -> dict | None:
+    mine = [s for s in at if s["method"] == OURS]
+    return mine[0] if mine else None
+
+
+def verdicts(res: dict) -> list[str]:
+    """Per mode and target: is StructSAM's mean fidelity IoU the highest of all methods
+    (random excluded)? Where not, by how much, and which prompts cause it."""
+    if not res.get("quality"):
+        return []
+    lines = []
+    ok = [s for s in res["settings"] if "fidelity" in s]
+    for mode in ("plain", "prompt"):
+        for target in sorted({s["target"] for s in ok}):
+            at = [s for s in ok if s["target"] == target and s["mode"] == mode]
+            o = _ours(at)
+            rivals = [s for s in at if _base(s["method"]) not in (OURS, "random")]
+            if o is None or not rivals:
+                continue
+            best = max(rivals, key=lambda s: s["fidelity"])
+            label = "prompt-aware" if mode == "prompt" else "content-only"
+            gap = paired(res, o, best, "fidelity")
+            first = o["fidelity"] > best["fidelity"]
+            line = (
+                f"- −{target:.0%}, {label}: StructSAM fidelity {o['fidelity']:.4f}, best other "
+                f"{best['method']} {best['fidelity']:.4f} → {'first' if first else 'NOT first'}"
+            )
+            if gap:
+                line += f" (paired {gap[0]:+.2f} ± {gap[1]:.2f} pt, n = {gap[2]})"
+            if not first:
+                cases = worst_cases(res, o, best)
+                line += "; largest deficits: " + ", ".join(f"{n} {g:+.1f} pt" for n, g in cases)
+            lines.append(line)
+    return lines
+
+
+def _row(res: dict, s: dict, ours: dict | None) -> str:
+    mode = "prompt-aware" if s["mode"] == "prompt" else "content"
+    if "flops_cut" not in s:
+        return f"| {s['method']} | {mode} | out of reach: {s.get('note', '')[:90]} |"
+    cells = [s["method"], mode, f"{s['rate']:.3f}", f"{100 * s['flops_cut']:.1f}%"]
+    if res["quality"]:
+        cells += [f"{s['fidelity']:.4f}", f"{s['dice']:.4f}", f"{100 * s['dice_drop']:+.2f}"]
+        for field in ("dice", "fidelity"):
+            p = paired(res, s, ours, field) if ours is not None and s is not ours else None
+            cells.append(f"{p[0]:+.2f} ± {p[1]:.2f}" if p else "–")
+    cells += [f"{s.get('spectral_window', float('nan')):.4g}"]
+    cells += [f"{s.get('spectral_global', float('nan')):.4g}"]
+    if "seconds" in s:
+        cells += [f"{s['seconds']:.3f}", f"{s['speedup']:.2f}×"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def bench_table(res: dict) -> str:
+    """Markdown: per target cut, one table of every method, both modes."""
+    timed = any("seconds" in s for s in res["settings"])
+    u = res["unmerged"]
+    head = (
+        f"### {res['model']}, {res.get('split', 'test')} split\n\n"
+        f"{res['n_prompts']} prompts ({', '.join(res['prompt_kinds'])}) on {res['n_cases']} "
+        f"cases from {len(res.get('sources', []))} source images"
+    )
+    if res["quality"]:
+        head += (
+            f"; {res['n_well_posed']} well-posed (unmerged Dice ≥ 0.8 and noise-stable), "
+            f"unmerged mean Dice {u['dice']:.4f}; every figure is over those. Rates calibrated "
+            f"on {res['calibration']['n_images']} tuning-split images. Paired columns: per-prompt "
+            "difference from StructSAM of the same mode (points, mean ± s.e.; negative: worse "
+            "than StructSAM)."
+        )
+    cols = ["method", "mode", "rate", "FLOPs cut"]
+    if res["quality"]:
+        cols += ["fidelity IoU", "Dice", "Dice drop (pt)", "ΔDice vs ours", "Δfidelity vs ours"]
+    cols += ["spectral (window)", "spectral (global)"]
+    if timed:
+        cols += ["encoder s", "speed-up"]
+    out = [head, ""]
+    for target in sorted({s["target"] for s in res["settings"]}):
+        out += [f"**−{target:.0%} FLOPs**", ""]
+        out += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for mode in ("plain", "prompt"):
+            at = [s for s in res["settings"] if s["target"] == target and s["mode"] == mode]
+            ours = _ours(at)
+            out += [_row(res, s, ours) for s in sorted(at, key=lambda s: -s.get("fidelity", 0))]
+        out.append("")
+    text = "\n".join(out)
+    lines = verdicts(res)
+    if lines:
+        text += "\n" + "\n".join(lines) + "\n"
+    return text
+
+
+def bench_plots(results: list[dict], path) -> None:
+    """Per model, against the measured FLOPs cut: fidelity IoU, Dice, and both spectral
+    distortions (log scale); prompt-aware dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("fidelity", "mean fidelity IoU vs unmerged mask"),
+        ("dice", "mean Dice vs ground truth"),
+        ("spectral_global", "spectral distortion, whole grid (log)"),
+        ("spectral_window", "spectral distortion, per window (log)"),
+    ]
+    fig, axes = plt.subplots(len(results), 4, figsize=(20, 4.4 * len(results)), squeeze=False)
+    for row, res in zip(axes, results, strict=True):
+        methods = sorted({s["method"] for s in res["settings"]})
+        colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+        for ax, (key, title) in zip(row, panels, strict=True):
+            if key in ("fidelity", "dice") and not res["quality"]:
+                ax.set_visible(False)
+                continue
+            for method in methods:
+                for mode, style in (("plain", "-"), ("prompt", "--")):
+                    pts = sorted(
+                        (
+                            s
+                            for s in res["settings"]
+                            if s["method"] == method and s["mode"] == mode and key in s
+                        ),
+                        key=lambda s: s["flops_cut"],
+                    )
+                    if pts:
+                        label = method + (" (prompt-aware)" if mode == "prompt" else "")
+                        xs = [100 * s["flops_cut"] for s in pts]
+                        ax.plot(
+                            xs,
+                            [s[key] for s in pts],
+                            ls=style,
+                            marker="o",
+                            color=colours[method],
+                            label=label,
+                        )
+            if key.startswith("spectral"):
+                ax.set_yscale("log")
+            ax.set(xlabel="encoder FLOPs cut (%)", title=f"{res['model']}: {title}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def spectral_plot(results: list[dict], path) -> None:
+    """The spectral distortion of every method (random included) against the FLOPs cut, whole
+    grid and per window, content-only and prompt-aware."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = results[0]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    methods = sorted({s["method"] for s in res["settings"]})
+    colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    for ax, key in zip(axes, ("spectral_global", "spectral_window"), strict=True):
+        for method in methods:
+            for mode, style in (("plain", "-"), ("prompt", "--")):
+                pts = sorted(
+                    (
+                        s
+                        for s in res["settings"]
+                        if s["method"] == method and s["mode"] == mode and key in s
+                    ),
+                    key=lambda s: s["flops_cut"],
+                )
+                if pts:
+                    label = method + (" (prompt-aware)" if mode == "prompt" else "")
+                    xs = [100 * s["flops_cut"] for s in pts]
+                    ax.plot(
+                        xs,
+                        [s[key] for s in pts],
+                        ls=style,
+                        marker="o",
+                        color=colours[method],
+                        label=label,
+                    )
+        where = "whole grid" if key == "spectral_global" else "per attention window"
+        ax.set(
+            xlabel="encoder FLOPs cut (%)",
+            ylabel="mean relative error of the lowest λ",
+            title=f"{res['model']}: {where}",
+        )
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
