@@ -57,13 +57,12 @@ def main() -> int:
         widget.set_rate(r)
         viewer.dims.set_current_step(0, z)
         settings = widget.settings()
-        key = (z, settings, widget.session.window)
         deadline = time.monotonic() + 300
-        while key not in widget.session._encodings and time.monotonic() < deadline:
+        while widget.session.encoding(z, settings) is None and time.monotonic() < deadline:
             settle(0.05)
         widget.runner.wait(300)
         settle(0.3)  # let napari redraw, as an annotator would see it
-        return widget.session._encodings[key].seconds
+        return widget.session.encoding(z, settings).seconds
 
     settle(1.0)
     widget.runner.wait(300)
