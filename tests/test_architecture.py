@@ -241,3 +241,19 @@ def test_no_function_is_longer_than_80_lines(package):
 def test_plugin_session_and_widget_stay_small(module):
     lines = (ROOT / "napari_structsam" / module).read_text().count("\n")
     assert lines < 450, f"{module}: {lines} lines"
+
+
+def test_annotate_is_the_plugins_command(capsys):
+    """`structsam annotate FILE` runs through the plugin's console script, which adds its
+    command to structsam's; structsam's own entry point says where the command is."""
+    import tomllib
+
+    from napari_structsam._cli import commands
+    from structsam.cli import build_parser, main
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["structsam"] == "napari_structsam._cli:main"
+    args = build_parser(commands()).parse_args(["annotate", "scan.nii.gz"])
+    assert args.command == "annotate" and args.file == "scan.nii.gz"
+    assert main(["annotate", "scan.nii.gz"]) == 2
+    assert "napari plugin's" in capsys.readouterr().err

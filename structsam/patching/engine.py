@@ -103,7 +103,7 @@ _OPTION_DEFAULTS = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: the forwards read its fields every block
 class MergeConfig:
     """What one ``patch`` set, fixed for the life of the patch (``identity`` keys caches).
 
