@@ -49,6 +49,7 @@ __all__ = [
     "default_cache_folder",
     "embedding_from_dict",
     "embedding_key",
+    "identities",
     "entry_dict",
     "parse_size",
     "settings_fields",
@@ -209,6 +210,14 @@ def key_fields(model, image, window=None, prompts=None) -> dict[str, Any]:
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     return {**settings_fields(model, window, prompts), "image": sha256_array(np.asarray(image))}
+
+
+def identities(model, image, window=None, prompts=None) -> tuple[str, str]:
+    """``(settings_identity, embedding_key)`` of one encode, the settings read once."""
+    fields = settings_fields(model, window, prompts)
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    return _digest(fields), _digest({**fields, "image": sha256_array(np.asarray(image))})
 
 
 def embedding_key(model, image, window=None, prompts=None) -> str:

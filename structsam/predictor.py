@@ -184,13 +184,14 @@ class Predictor:
         # per-call prompts replace the patch's own for this encode (even when they are empty)
         override = config is not None and bool(prompts)
         used = model_prompts(prompts, geometry) if override else None
-        from .cache import settings_identity
+        from .cache import identities, settings_identity
 
         key_prompts = (used or {}) if override else None
-        settings = settings_identity(self.model, window, key_prompts)
         key = None
-        if self.cache is not None:
-            key = self.cache.key(self.model, image, window, key_prompts)
+        if self.cache is None:
+            settings = settings_identity(self.model, window, key_prompts)
+        else:
+            settings, key = identities(self.model, image, window, key_prompts)
             hit = self.cache.get(key, device=self.device)
             if hit is not None and hit.geometry == geometry and hit.settings == settings:
                 return replace(hit, prompts=dict(prompts) if override else None)

@@ -56,6 +56,7 @@ def test_second_set_image_is_served_from_the_cache(merged, image, tmp_path):
         second.set_image(image.copy(), window=(0.05, 0.9))
         assert len(calls) == 1, "a cache hit must not run the encoder"
     assert second.from_cache and second.cache_key == first.cache_key
+    assert first.cache_key == embedding_key(merged, image, window=(0.05, 0.9))
     masks2, scores2, _ = second.predict(box=BOX)
     np.testing.assert_array_equal(masks2, masks)
     np.testing.assert_array_equal(scores2, scores)
