@@ -121,10 +121,9 @@ def read_volume(
     ``path`` is a NIfTI file, a folder of DICOM slices (see :func:`read_dicom_series`) or a
     ``.npy`` array taken as ``(Z, Y, X)`` with 1 mm spacing and an identity affine.  The volume
     is reoriented to the closest canonical RAS+ orientation and transposed to ``(Z, Y, X)``
-    (see the module docstring); ``spacing_zyx`` is in the same order (napari's layer
-    ``scale``) and ``affine`` is the canonical affine of the nibabel ``(x, y, z)`` voxel
-    order.  NIfTI scaling (``scl_slope``/``scl_inter``) is applied.  A 2D NIfTI comes back
-    with Z = 1.
+    (see the package docstring); ``spacing_zyx`` is in the same order and ``affine`` is the
+    canonical affine of the nibabel ``(x, y, z)`` voxel order.  NIfTI scaling
+    (``scl_slope``/``scl_inter``) is applied.  A 2D NIfTI comes back with Z = 1.
 
     4D/5D NIfTI (time series, several echoes) need ``volume_index``, counted over the
     dimensions after the third, the last fastest; the error says how many there are.
