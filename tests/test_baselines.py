@@ -182,7 +182,7 @@ def test_pitome_protects_an_isolated_token(grid_kind):
 def test_pitome_pairs_alternate_in_energy_order():
     grid = Grid(8, 8)
     feat = _feat(grid, b=1)
-    dst, protected = pitome_merge(feat, grid, 0.5)  # 2r = N: everything mergeable
+    dst, protected = pitome_merge(feat, grid, 0.5, margin=0.5)  # 2r = N: all mergeable
     assert not protected.any()
     energy = window_energy(unit_metric(feat), grid)[0]
     rank = torch.empty(grid.n, dtype=torch.long)
@@ -228,41 +228,53 @@ def _algm_features():
     return grid, feat
 
 
-def test_algm_threshold_collapses_similar_cells_at_rate_zero():
+def test_algm_rate_is_its_threshold():
     grid, feat = _algm_features()
-    dst, _ = algm_merge(feat, grid, 0.0)
+    dst, _ = algm_merge(feat, grid, 0.09, global_stage=False)  # tau = 0.88, Segmenter's
     d = dst[0].view(8, 8)
     last = 1 * 8 + 1  # the cell's last token
     assert (d[0:2, 0:2] == last).all()
     idx = torch.arange(64).view(8, 8)
     assert torch.equal(d[:, 2:], idx[:, 2:])  # the mixed cell and the random ones stay
     assert int(_removed(dst)[0]) == 3
-    # without the threshold nothing merges at rate 0
-    dst, _ = algm_merge(feat, grid, 0.0, tau=None)
-    assert int(_removed(dst)[0]) == 0
+    # rate 0 is tau 1: nothing merges; a fixed tau ignores the rate
+    assert int(_removed(algm_merge(feat, grid, 0.0)[0])[0]) == 0
+    fixed, _ = algm_merge(feat, grid, 0.5, tau=0.88, global_stage=False)
+    assert torch.equal(fixed, dst)
+    # a higher rate is a lower tau: more (whole) cells collapse
+    removed = [
+        int(_removed(algm_merge(feat, grid, r, global_stage=False)[0])[0]) for r in (0.3, 0.6, 0.75)
+    ]
+    assert removed == sorted(removed) and removed[-1] > 3
+    assert all(r % 3 == 0 for r in removed)
 
 
-def test_algm_rate_is_a_floor_filled_by_cell_score():
-    grid, feat = _algm_features()
-    r = round(0.3 * grid.n)
-    dst, _ = algm_merge(feat, grid, 0.3)
-    removed = int(_removed(dst)[0])
-    assert r <= removed <= r + 2
-    assert removed % 3 == 0  # whole 2x2 cells collapse
-    d = dst[0].view(8, 8)
-    assert (d[0:2, 0:2] == 9).all()  # the identical cell is among them
-
-
-def test_algm_global_stage_merges_more_and_stays_valid():
+def test_algm_global_stage_runs_in_the_later_half_and_stays_valid():
     grid = GRIDS["windowed"]
     feat = _feat(grid)
-    ctm, _ = algm_merge(feat, grid, 0.2)
-    both, _ = algm_merge(feat, grid, 0.2, global_stage=True, layer=1)
+    ctm, _ = algm_merge(feat, grid, 0.2, global_stage=False)
+    early, _ = algm_merge(feat, grid, 0.2, depth=(2, 12))
+    assert torch.equal(early, ctm)  # before global_from (half the depth): CTM only
+    both, _ = algm_merge(feat, grid, 0.2, depth=(6, 12))
     assert (_removed(both) > _removed(ctm)).all()
     assert torch.equal(both.gather(1, both), both)
     assert torch.equal(grid.window_id[both], grid.window_id.expand(2, -1))
     # every CTM group stays together
     assert torch.equal(both.gather(1, ctm), both)
+
+
+def test_pitome_margin_follows_depth_and_a_second_round_goes_past_half():
+    grid = GRIDS["windowed"]
+    feat = _feat(grid)
+    early, _ = pitome_merge(feat, grid, 0.3, depth=(0, 12))
+    assert torch.equal(early, pitome_merge(feat, grid, 0.3, margin=0.9)[0])
+    late, _ = pitome_merge(feat, grid, 0.3, depth=(9, 12))
+    assert torch.equal(late, pitome_merge(feat, grid, 0.3, margin=0.9 * (1 - 9 / 12))[0])
+    dst, _ = pitome_merge(feat, grid, 0.7)
+    assert torch.equal(dst.gather(1, dst), dst)  # one level, no chains
+    removed = _removed(dst)
+    assert (removed >= round(0.7 * grid.n) - grid.n_windows * 2).all()
+    assert (removed > grid.n // 2).all()
 
 
 # --- random -------------------------------------------------------------------------------
@@ -294,7 +306,8 @@ def test_patched_small_vit_runs(name, small_vit, registered):
     x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ref = small_vit(x)
-    patch(small_vit, name, min(0.4, MAX_RATE[name]))
+    # ALGM's rate is its threshold: 0.7 is tau 0.07, low enough for random weights' tokens
+    patch(small_vit, name, 0.7 if name == "algm" else min(0.4, MAX_RATE[name]))
     try:
         with torch.inference_mode():
             out = small_vit(x)

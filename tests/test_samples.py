@@ -70,7 +70,7 @@ def test_mni152_volume_and_slices():
 
 
 def test_all_cases_valid(cases, anatomy):
-    assert 100 <= len(cases) <= 140
+    assert 160 <= len(cases) <= 200
     for case in cases + anatomy:
         check_case(case)
     names = [c.name for c in cases + anatomy]
@@ -79,7 +79,7 @@ def test_all_cases_valid(cases, anatomy):
 
 def test_case_counts(cases, anatomy):
     kinds = Counter(c.kind for c in cases)
-    assert kinds["lesion-mri"] + kinds["lesion-ct"] >= 60
+    assert kinds["lesion-mri"] + kinds["lesion-ct"] >= 120
     assert kinds["anatomy-mri"] >= 20  # the lateral ventricles
     assert kinds["lesion-ct"] >= 2
     assert kinds["phantom"] >= 4

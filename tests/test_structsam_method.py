@@ -123,3 +123,25 @@ def test_coarse_merges_a_whole_flat_4x4_block_into_one_token():
     assert len(d[:4, :4].unique()) == 1 and len(d[4:, :4].unique()) == 1
     idx = torch.arange(64).view(8, 8)
     assert torch.equal(d[:, 4:6], idx[:, 4:6])  # the edge stays protected
+
+
+@pytest.mark.parametrize("rough", [0.1, 0.2, 0.3])
+def test_roughest_cells_stay_protected_at_high_rates(rough):
+    """At rate 0.46 (about -40 % FLOPs) screen 2 once made every cell a candidate; the cap
+    keeps the roughest ``rough`` of the cells out of reach, and the budget is still met."""
+    torch.manual_seed(3)
+    grid = Grid(16, 16, None)
+    # a smooth ramp with noise whose amplitude grows along the rows: roughness is known
+    ramp = torch.linspace(0, 1, 16)[None, :, None].expand(16, 16, 8)
+    noise = torch.randn(16, 16, 8) * torch.linspace(0, 2, 16)[:, None, None]
+    feat = (ramp + noise)[None]
+    rate = 0.46
+    dst, protected = structsam_merge(feat, grid, rate=rate, coarse=0, screen=2.0, rough=rough)
+    cells = protected[0].view(16, 16)[::2, ::2]  # one token per 2x2 cell
+    assert int(cells.sum()) >= rough * 64 - 1  # the roughest cells are never candidates
+    assert int((dst[0] != torch.arange(256)).sum()) == round(rate * 256)
+    # the protected cells are the roughest: the noisy bottom rows
+    assert cells[-2:].float().mean() > cells[:2].float().mean()
+    # without the cap every cell is a candidate
+    _, none = structsam_merge(feat, grid, rate=rate, coarse=0, screen=2.0, rough=0.0)
+    assert not none.any()

@@ -75,6 +75,8 @@ def algm_merge(
     """(B, H, W, C) features -> (dst (B, N), protected (B, N) all False). See the module
     docstring; ``protect`` and ``generator`` are unused (the engine protects prompts)."""
     idx, none = keep_all(feat, grid)
+    if tau is None and rate <= 0:
+        return idx, none  # rate 0 is tau 1: nothing merges, GTM included
     b, n = idx.shape
     dev = feat.device
     metric = unit_metric(feat)

@@ -26,10 +26,11 @@ BASELINES = (
     (
         "pitome",
         pitome_merge,
-        0.5,
+        0.75,
         False,
         "fraction of tokens merged by PiToMe (the 2x highest-energy tokens are mergeable, "
-        "the rest protected; at most half; margin 0.9 (1 - depth))",
+        "the rest protected; above 1/2 a second round on the kept tokens; margin 0.9 (1 - "
+        "depth))",
     ),
     (
         "tomesd",
