@@ -118,3 +118,18 @@ def test_embedding_store_keeps_the_latest():
     assert store.get(1, MERGED, None) is None and store.slices(MERGED, None) == {0, 2}
     assert store.get(0, AWARE, None) is None and store.get(0, MERGED, (0.0, 1.0)) is None
     assert Stats(MERGED).flops_saved is None
+
+
+def test_model_pool_keeps_the_latest_within_its_limits():
+    from structsam.interactive import ModelPool
+
+    pool = ModelPool(capacity=2)
+    first = pool.get(MERGED)
+    pool.get(EncoderSettings(rate=0.5))
+    assert pool.get(MERGED) is first  # now the most recent
+    pool.get(MERGED.unmerged())  # a third: the least recently used (rate 0.5) goes
+    assert pool.get(MERGED) is first
+    small = ModelPool(capacity=3, max_bytes=1)  # weights over the limit: only the newest stays
+    a = small.get(MERGED)
+    small.get(EncoderSettings(rate=0.5))
+    assert small.get(MERGED) is not a

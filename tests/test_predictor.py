@@ -74,8 +74,10 @@ def test_encoder_flops_and_calibration(litemedsam):
     cut = 1 - structsam.encoder_flops(litemedsam, image) / dense
     assert abs(cut - 0.2) <= 0.01
     assert 0 < rate < 0.75
+    config = structsam.merge_config(litemedsam)
     with pytest.raises(MergeError, match="cannot cut"):
         structsam.calibrate(litemedsam, "structsam", 0.9, images=[image])
+    assert structsam.merge_config(litemedsam) is config  # a failed search restores it too
     # ALGM's similarity threshold collapses the MRI's flat cells at any rate (about 31 %): a
     # small target is out of reach from below, and the message says so
     with pytest.raises(MergeError, match="smallest rate .* already cuts"):

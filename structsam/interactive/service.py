@@ -30,8 +30,10 @@ __all__ = [
     "shared_service",
 ]
 
-# Patched models kept loaded (LRU): LiteMedSAM's are 40 MB each, a SAM ViT-H's 2.5 GB.
+# Patched models kept loaded (LRU): at most this many, and beyond MAX_POOL_BYTES of weights
+# only the newest (LiteMedSAM's weights are 40 MB, a SAM ViT-H's 2.5 GB).
 MAX_MODELS = 3
+MAX_POOL_BYTES = 6 * 2**30
 # An unmerged encode is timed (for the speed-up shown) only when a merged one took less.
 UNMERGED_TIMING_MAX_SECONDS = 3.0
 SMALL_ENCODER_PARAMETERS = 20_000_000
@@ -133,10 +135,12 @@ class EmbeddingStore:
 
 class ModelPool:
     """One patched model per setting (``EncoderSettings.patch_key``), the latest
-    ``capacity`` kept. A new setting of a loaded model is a copy of it, patched once."""
+    ``capacity`` kept (fewer when their weights pass ``max_bytes``). A new setting of a
+    loaded model is a copy of it, patched once."""
 
-    def __init__(self, capacity: int = MAX_MODELS):
+    def __init__(self, capacity: int = MAX_MODELS, max_bytes: int = MAX_POOL_BYTES):
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self._models: OrderedDict[tuple, object] = OrderedDict()
         self._lock = threading.RLock()
         self._make_lock = threading.Lock()
@@ -152,10 +156,19 @@ class ModelPool:
             if model is None:
                 model = self._make(settings, self._loaded(settings.model_key))
                 with self._lock:
-                    while len(self._models) >= self.capacity:
-                        self._models.popitem(last=False)
                     self._models[key] = model
+                    self._evict()
         return model
+
+    def _evict(self) -> None:
+        def size(m):
+            return sum(p.numel() * p.element_size() for p in m.parameters())
+
+        while len(self._models) > 1 and (
+            len(self._models) > self.capacity
+            or sum(size(m) for m in self._models.values()) > self.max_bytes
+        ):
+            self._models.popitem(last=False)
 
     def _lookup(self, key: tuple):
         with self._lock:
