@@ -29,6 +29,8 @@ def open_file(viewer, path) -> list:
 
 def annotate(path: str | None = None, viewer=None, block: bool = True):
     """Open napari with the widget and ``path`` (default: the MNI152 T1 sample volume)."""
+    if path is not None and not Path(path).exists():  # before the minutes napari may take
+        raise FileNotFoundError(f"{path}: no such file or folder")
     from ._session import preload
 
     preload()  # before napari creates its OpenGL canvas (see preload)

@@ -257,3 +257,8 @@ def test_annotate_is_the_plugins_command(capsys):
     assert args.command == "annotate" and args.file == "scan.nii.gz"
     assert main(["annotate", "scan.nii.gz"]) == 2
     assert "napari plugin's" in capsys.readouterr().err
+    # through the plugin's script, a missing file is named before napari starts
+    from napari_structsam._cli import main as script
+
+    assert script(["annotate", str(ROOT / "no-such-scan.nii.gz")]) == 2
+    assert "no-such-scan.nii.gz: no such file" in capsys.readouterr().err
