@@ -307,3 +307,19 @@ def test_merge_attention_false_is_honoured_for_sam_vit(small_vit):
     assert config.merge_attention is False and config.identity()["merge_attention"] is False
     assert flops_both < flops_mlp < flops_dense
     assert not torch.allclose(both, mlp_only)
+
+
+def test_patched_restores_the_earlier_patch(small_vit):
+    from structsam.patching import merge_config, patched
+
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(4))
+    patch(small_vit, "tome", 0.3)
+    before = merge_config(small_vit)
+    ref = _run(small_vit, x)
+    with patched(small_vit, "structsam", 0.5):
+        assert merge_config(small_vit).method.name == "structsam"
+    assert merge_config(small_vit) is before and torch.equal(_run(small_vit, x), ref)
+    unpatch(small_vit)
+    with patched(small_vit, "structsam", 0.5):
+        pass
+    assert merge_config(small_vit) is None and type(small_vit).__name__ == "ImageEncoderViT"

@@ -103,10 +103,10 @@ def patch(
 
 def _install(model, config: MergeConfig) -> None:
     """Swap the encoder's and its blocks' classes for merging ones sharing a fresh state."""
+    unpatch(model)  # the family is told by the original classes
     encoder = _encoder_of(model)
     family = _family(encoder)
-    forward = _encoder_forward_for(family, config)  # checks before anything changes
-    unpatch(model)
+    forward = _encoder_forward_for(family, config)
     state = MergeState(config)
     for i, _, blk in family.iter_blocks(encoder):
         blk._structsam_state = state
