@@ -349,25 +349,44 @@ def _stop_text(report) -> str:
     return f"{report.reason}@{where}"
 
 
-def run(split="test", settings=SETTINGS, rules=None, progress: Callable[[str], None] | None = None,
+# The stop rules chosen on the tuning cases (docs/propagation/README.md): ``default`` is
+# StopRules() (tight box + 1 px); ``margin`` the best mean on the tuning cases, whose lead comes
+# from one failed case only.
+VARIANTS = {
+    "default": StopRules(),
+    "margin": StopRules(margin=0.1, margin_px=2.0, max_growth=math.inf),
+}
+
+
+def run(split="test", settings=SETTINGS, variants=None,
+        progress: Callable[[str], None] | None = None,
         limit: int | None = None, seed: int = 0) -> list[dict]:  # fmt: skip
-    """One row per (case, setting): 3D Dice, the slices kept, each direction's stop."""
+    """One row per (case, setting, variant): 3D Dice, the slices kept, each direction's stop.
+    ``variants``: {name: StopRules} (default: {"default": StopRules()}); they share each
+    slice's encode."""
+    variants = variants or {"default": StopRules()}
     cases = lesion_cases(split, seed)[:limit]
     rows = []
     for setting in settings:
         predictor = make_predictor(setting)
         for case in cases:
-            result = run_case(predictor, case, rules)
-            rows.append(_row(case, setting, result))
-            if progress is not None:
-                r = rows[-1]
-                progress(f"{setting} {case.name}: Dice {r['dice']:.3f}, down {r['down']}, "
-                         f"up {r['up']}, {r['encodes']} encodes, {r['seconds']} s")  # fmt: skip
+            memo = _MemoPredictor(predictor)
+            for name, rules in variants.items():
+                result = run_case(memo, case, rules)
+                rows.append(_row(case, setting, result) | {"variant": name})
+                if progress is not None:
+                    r = rows[-1]
+                    progress(f"{setting} {name} {case.name}: Dice {r['dice']:.3f}, "
+                             f"down {r['down']}, up {r['up']}, {r['encodes']} slices, "
+                             f"{r['seconds']} s")  # fmt: skip
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    """Markdown: one line per case with Dice per setting and stop reasons, then the means."""
+def format_table(rows: list[dict], variant: str | None = None) -> str:
+    """Markdown: one line per case with Dice per setting and stop reasons, then the means
+    (rows of ``variant`` only, when given)."""
+    if variant is not None:
+        rows = [r for r in rows if r.get("variant", variant) == variant]
     settings = [s for s in SETTINGS if any(r["setting"] == s for r in rows)]
     by_case: dict[str, dict[str, dict]] = {}
     for r in rows:
@@ -442,7 +461,7 @@ def truncated_dice(result: Propagation, counts, truth_total: int, rules: StopRul
 GRID = {
     "min_inside": (0.0, 0.5, 0.7, 0.8),
     "max_growth": (1.3, 1.6, 2.0, math.inf),
-    "max_intensity_shift": (0.3, 0.5, 0.7, None),
+    "max_intensity_shift": (0.3, 0.4, 0.5, 0.6, 0.8, None),
     "min_score": (-math.inf, 0.5, 0.7, 0.8),
     "min_stability": (-math.inf, 0.7, 0.85),
     "min_seed_fraction": (0.0, 0.02, 0.05),
@@ -455,36 +474,53 @@ PROMPTING = {
 }
 
 
-def tune(progress: Callable[[str], None] | None = None, seed: int = 0, extra: int = 8):
+def tune(progress: Callable[[str], None] | None = None, seed: int = 0, extra: int = 6,
+         promptings=None, save=None):  # fmt: skip
     """Walk each tuning case without stops (``extra`` slices past the lesion at most) for each
-    prompting of PROMPTING, unmerged, then score every rule set of GRID by truncation.
-    Returns (best rules, its mean tuning Dice, all (mean Dice, prompting, rules) sorted)."""
+    prompting of PROMPTING (or the names in ``promptings``), unmerged, then score every rule set
+    of GRID by truncation. ``save``: a pickle file for the walks (masks left out), so that
+    :func:`score_walks` can rescore them. Returns (best rules, its mean tuning Dice, all
+    (mean Dice, prompting, rules) best first)."""
     cases = lesion_cases("tuning", seed)
-    walks = {name: [] for name in PROMPTING}
+    names = list(promptings or PROMPTING)
+    walks = {name: [] for name in names}
     base = make_predictor("unmerged")
     for case in cases:
         memo = _MemoPredictor(base)
         other = tuple(a for a in range(3) if a != case.axis)
         present = np.flatnonzero(case.truth.any(axis=other))
         reach = max(case.z - present[0], present[-1] - case.z) + extra
-        for name, prompting in PROMPTING.items():
-            loose = StopRules(**prompting).without_stops()
+        for name in names:
+            loose = StopRules(**PROMPTING[name]).without_stops()
             start = time.perf_counter()
             result = run_case(memo, case, loose, max_slices=int(reach))
             counts = _counts(result, case.truth, case.axis)
-            walks[name].append((result, counts, int(case.truth.sum())))
             if progress is not None:
                 seconds = time.perf_counter() - start
                 d = dice(result.mask, case.truth)
                 progress(
                     f"tuning walk {case.name} {name}: Dice without stops {d:.3f}, {seconds:.0f} s"
                 )
+            result.mask = None  # 10-40 MB each: the counts are enough to score
+            walks[name].append((case.name, result, counts, int(case.truth.sum())))
+    if save is not None:
+        import pickle
+
+        with open(save, "wb") as f:
+            pickle.dump(walks, f)
+    scored = score_walks(walks)
+    return scored[0][2], scored[0][0], scored
+
+
+def score_walks(walks: dict, grid: dict | None = None) -> list:
+    """(mean Dice, prompting, rules) for every rule set of ``grid``, best first."""
+    grid = grid or GRID
+    keys = list(grid)
     scored = []
-    keys = list(GRID)
     for name, pairs in walks.items():
-        for values in itertools.product(*(GRID[k] for k in keys)):
+        for values in itertools.product(*(grid[k] for k in keys)):
             rules = replace(StopRules(**PROMPTING[name]), **dict(zip(keys, values, strict=True)))
-            d = [truncated_dice(r, counts, total, rules) for r, counts, total in pairs]
+            d = [truncated_dice(r, counts, total, rules) for _, r, counts, total in pairs]
             scored.append((float(np.mean(d)), name, rules))
     scored.sort(key=lambda t: -t[0])
-    return scored[0][2], scored[0][0], scored
+    return scored

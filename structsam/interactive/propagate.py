@@ -57,13 +57,14 @@ class StopRules:
     """When a direction of the walk stops. The defaults were chosen on the tuning lesions of
     :mod:`structsam.eval.propagation` (docs/propagation/)."""
 
-    min_score: float = 0.0  # decoder's IoU estimate
-    min_stability: float = 0.0  # |logits > 1| / |logits > -1|
-    max_growth: float = 1.6  # area / previous area
-    min_inside: float = 0.6  # fraction of the mask inside the previous mask, dilated by 2 px
+    min_score: float = -math.inf  # decoder's IoU estimate (off: no gain on the tuning cases)
+    min_stability: float = -math.inf  # |logits > 1| / |logits > -1| (off, likewise)
+    max_growth: float = 2.0  # area / previous area
+    min_inside: float = 0.8  # fraction of the mask inside the previous mask, dilated by 2 px
     min_seed_fraction: float = 0.02  # area / seed area
     min_pixels: int = 3
-    # how far the mean intensity may move from the seed's towards the ring around the seed
+    # how far the mean intensity may move from the seed's, in units of the seed's contrast
+    # against the ring around it
     max_intensity_shift: float | None = 0.5
     join_iou: float = 0.9  # correction: stop where the new mask agrees with the initial one
     margin: float = 0.0  # box margin: this fraction of the box side ...
@@ -109,7 +110,7 @@ class SliceRecord:
     square_area: int = 0
     inside: float = 1.0  # fraction inside the previous mask, dilated by 2 px
     growth: float = 1.0  # area / previous area
-    shift: float | None = None  # intensity moved from the seed's towards its surroundings
+    shift: float | None = None  # |mean - seed mean| / |seed contrast against its ring|
 
 
 @dataclass
@@ -328,7 +329,8 @@ def _measure(i, mask, back, prev, seed: _Seed, image, score, stability) -> Slice
         rec.inside = float((mask & near).sum()) / area
         rec.growth = area / max(int(prev.sum()), 1)
         if seed.contrast:
-            rec.shift = (float(image[mask].mean()) - seed.mean) / seed.contrast
+            # either way: towards the surroundings, or past the seed into something else
+            rec.shift = abs(float(image[mask].mean()) - seed.mean) / abs(seed.contrast)
     return rec
 
 
