@@ -559,12 +559,14 @@ def cmd_bench_3d(args) -> int:
         rules, score, scored = p3d.tune(progress=print)
         print(f"best stop rules on the tuning cases (mean Dice {score:.3f}): {rules}")
         return 0
-    rows = p3d.run(args.split, settings, progress=print, limit=args.limit)
-    table = p3d.format_table(rows)
-    print(table)
+    variants = p3d.VARIANTS if args.variants else None
+    rows = p3d.run(args.split, settings, variants, progress=print, limit=args.limit)
+    names = list(variants or ["default"])
+    tables = "\n\n".join(f"**{n}** stop rules\n\n{p3d.format_table(rows, n)}" for n in names)
+    print(tables)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "table.md").write_text(table + "\n")
+        (out / "table.md").write_text(tables + "\n")
         (out / "rows.json").write_text(json.dumps(rows, indent=1) + "\n")
         print(f"table -> {out / 'table.md'}, rows -> {out / 'rows.json'}")
     return 0
@@ -580,6 +582,9 @@ def _add_bench_3d(sub) -> None:
     b3.add_argument("--out", default=None, help="folder for table.md and rows.json")
     b3.add_argument("--threads", type=int, default=2)
     b3.add_argument("--tune", action="store_true", help="choose the stop rules on the tuning cases")
+    b3.add_argument(
+        "--variants", action="store_true", help="also the tuning's runner-up rules (box margin)"
+    )
     b3.set_defaults(func=cmd_bench_3d)
 
 
