@@ -370,17 +370,23 @@ def _bench_model(args, name, ckpt, settings, log_file, on_update):
 
 
 def _write_bench(out: Path, results: list[dict], command: str) -> str:
+    """results.json first, then the tables and plots (a failing plot must not lose numbers)."""
     import json
+    import traceback
 
     from .eval.report import bench_plots, bench_table, spectral_plot
 
     for res in results:
         res["command"] = command
-    tables = "\n".join(bench_table(r) for r in results)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
-    (out / "results.md").write_text(f"`{command}`\n\n" + tables)
-    bench_plots(results, out / "bench.png")
-    spectral_plot(results, out / "spectral.png")
+    tables = ""
+    try:
+        tables = "\n".join(bench_table(r) for r in results)
+        (out / "results.md").write_text(f"`{command}`\n\n" + tables)
+        bench_plots(results, out / "bench.png")
+        spectral_plot(results, out / "spectral.png")
+    except Exception:  # report the bug, keep the run going: results.json has every number
+        print(traceback.format_exc(), file=sys.stderr)
     return tables
 
 

@@ -120,7 +120,7 @@ def structsam_merge(
     coarse: int = 1,
     metric_dim: int | None = None,
     screen: float = 2.0,
-    rough: float = 0.2,
+    rough: float = 0.05,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, W, C) features -> (dst (B, N), protected (B, N) bool). See the module docstring."""
