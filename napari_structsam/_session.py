@@ -22,8 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from structsam import DEFAULT_RATE  # noqa: F401 (a constant the widget reads from here)
+from structsam.interactive import objects as _obj
+from structsam.interactive.objects import Commit, History  # noqa: F401 (the widget's)
+from structsam.interactive.plane import Plane
 from structsam.interactive.service import (  # no torch at import
-    DecoderBusy,
     EmbeddingStore,
     EncodeCancelled,  # noqa: F401 (the worker's and the tests' import)
     Stats,  # noqa: F401
@@ -32,6 +34,7 @@ from structsam.interactive.service import (  # no torch at import
 )
 from structsam.interactive.settings import EncoderSettings, Reencode, reencode_reason
 
+from ._prompts import Prompts, box_of, interior_point
 from ._runtime import available_devices, preload  # noqa: F401 (the widget's imports)
 
 
@@ -43,33 +46,6 @@ class Busy(SessionError):
     """The decoder cannot run right now (an encoder FLOPs count holds global module hooks)."""
 
 
-@dataclass
-class Prompts:
-    """Prompts on one slice, in image pixels: points ``(x, y)`` with labels 1/0, one box."""
-
-    points: np.ndarray | None = None
-    labels: np.ndarray | None = None
-    box: np.ndarray | None = None
-
-    def __bool__(self) -> bool:
-        return self.box is not None or (self.points is not None and len(self.points) > 0)
-
-    def as_dict(self) -> dict | None:
-        """The ``prompts`` dict of ``Predictor.encode``/``patch`` (None when empty)."""
-        out = {}
-        if self.box is not None:
-            out["box"] = np.asarray(self.box, float)
-        if self.points is not None and len(self.points):
-            out["point_coords"] = np.asarray(self.points, float)
-            out["point_labels"] = np.asarray(self.labels, int)
-        return out or None
-
-    def key(self) -> tuple:
-        """A hashable value that is equal exactly for equal prompts (jobs are keyed by it)."""
-        parts = (self.points, self.labels, self.box)
-        return tuple(None if p is None else tuple(np.asarray(p, float).ravel()) for p in parts)
-
-
 @dataclass(frozen=True)
 class Encoded:
     """An encode's result as a worker yields it: which slice, under which settings. The
@@ -78,6 +54,7 @@ class Encoded:
     z: int
     settings: EncoderSettings
     embedding: object  # structsam.Embedding
+    plane: Plane | None = None  # None: the session's plane when stored
 
     def __getattr__(self, name):
         if name.startswith("__") or name == "embedding":  # copy/pickle probes
@@ -95,23 +72,7 @@ class SliceResult:
     stopped: str | None = None  # why propagation stopped in this direction, if it did
     done: int = 0  # slices visited so far
     total: int = 0
-
-
-@dataclass
-class Commit:
-    label: int
-    index: np.ndarray  # flat indices written (they were background before)
-
-
-def box_of(mask: np.ndarray, pad: int = 2) -> np.ndarray:
-    """Tight (x0, y0, x1, y1) box of a 2D mask, grown by ``pad`` pixels and kept inside it."""
-    ys, xs = np.nonzero(mask)
-    h, w = mask.shape
-    return np.array(
-        [max(xs.min() - pad, 0), max(ys.min() - pad, 0), min(xs.max() + pad, w - 1),
-         min(ys.max() + pad, h - 1)],
-        dtype=float,
-    )  # fmt: skip
+    label: int = 1  # which object of the current label map
 
 
 class Session:
@@ -125,8 +86,9 @@ class Session:
         self.window: tuple[float, float] | None = None
         self.mask: np.ndarray | None = None  # current object, uint8 (Z, Y, X)
         self.objects: np.ndarray | None = None  # committed objects, int32 (Z, Y, X)
-        self.history: list[Commit] = []
-        self._embeddings = EmbeddingStore()
+        self.history = History()  # commits (Commit) and the widget's prompt edits
+        self.plane = Plane()
+        self._stores: dict[tuple, EmbeddingStore] = {}  # per plane (Plane.key)
         self._book = StatsBook()
         # disk cache of embeddings shared with `structsam embed` (structsam.cache); None: the
         # default folder ($STRUCTSAM_CACHE_DIR or ~/.cache/structsam/embeddings)
@@ -136,9 +98,11 @@ class Session:
 
     # ------------------------------------------------------------------ image and state
 
-    def set_image(self, image, rgb: bool = False, window=None, objects=None) -> None:
+    def set_image(self, image, rgb=False, window=None, objects=None, spacing=None) -> None:
         """Take a new image: (Y, X), (Y, X, 3|4) with ``rgb``, or (Z, Y, X). Drops embeddings,
-        the current mask and the undo history; ``objects`` (same spatial shape) are kept."""
+        the current mask and the undo history; ``objects`` (same spatial shape) are kept.
+        ``spacing``: the pixel or voxel size per spatial axis (slices are encoded on square
+        pixels). The plane is the axial one until ``set_plane``."""
         arr = np.asarray(image)
         spatial = arr.ndim - (1 if rgb else 0)
         if rgb and arr.shape[-1] not in (3, 4):
@@ -156,12 +120,40 @@ class Session:
         shape = self.volume.shape[:3]
         self.mask = np.zeros(shape, np.uint8)
         if objects is not None and np.shape(objects) == self.shape:
-            self.objects = np.asarray(objects).reshape(shape)
+            self.objects = np.ascontiguousarray(objects).reshape(shape)
         else:
             self.objects = np.zeros(shape, np.int32)
-        self.history = []
-        self._embeddings.clear()
+        self.history.clear()
+        self._stores.clear()
         self._book.clear()
+        if spacing is not None:
+            spacing = (1.0,) * (3 - len(spacing)) + tuple(float(v) for v in spacing)
+        self.plane = Plane(spacing=spacing)
+
+    def set_plane(self, plane: Plane) -> None:
+        """Annotate on slices of ``plane`` (its spacing is the image's); embeddings of every
+        plane are kept apart."""
+        if not self.is_3d and plane.axis != 0:
+            raise SessionError("a 2D image has only its own plane")
+        self.plane = Plane(plane.axis, plane.rows, plane.cols, self.plane.spacing)
+
+    @property
+    def _embeddings(self) -> EmbeddingStore:
+        return self._stores.setdefault(self.plane.key, EmbeddingStore())
+
+    @property
+    def pixels(self):
+        """The current plane's ``structsam.transforms.SquarePixels``."""
+        return self.plane.pixels(self.volume.shape)
+
+    @property
+    def plane_mask(self) -> np.ndarray:
+        """The current object as (slice, row, column) of the plane (a view)."""
+        return self.plane.view(self.mask)
+
+    @property
+    def plane_objects(self) -> np.ndarray:
+        return self.plane.view(self.objects)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -172,7 +164,7 @@ class Session:
 
     @property
     def n_slices(self) -> int:
-        return 0 if self.volume is None else len(self.volume)
+        return 0 if self.volume is None else self.volume.shape[self.plane.axis]
 
     def _check_image(self) -> None:
         if self.volume is None:
@@ -186,7 +178,21 @@ class Session:
         return z
 
     def slice_image(self, z: int) -> np.ndarray:
-        return self.volume[self._check_z(z)]
+        """Slice ``z`` of the current plane on square pixels (what is encoded)."""
+        return self.pixels.to_square(self.plane.view(self.volume)[self._check_z(z)])
+
+    def to_square(self, prompts) -> dict | None:
+        """Prompts (plane pixels, a ``Prompts`` or a dict) -> a dict on square pixels."""
+        if isinstance(prompts, Prompts):
+            prompts = prompts.as_dict()
+        if not prompts:
+            return None
+        px, out = self.pixels, dict(prompts)
+        if "box" in out:
+            out["box"] = px.boxes_to_square(out["box"])
+        if "point_coords" in out:
+            out["point_coords"] = px.points_to_square(out["point_coords"])
+        return out
 
     def mask_view(self) -> np.ndarray:
         """The current-object array with the layers' shape (a view: writes go to the session)."""
@@ -225,13 +231,11 @@ class Session:
         ``EncodeCancelled``.
         """
         settings = settings or self.settings
-        image = self.slice_image(z)
-        if isinstance(prompts, Prompts):
-            prompts = prompts.as_dict()
+        plane, image = self.plane, self.slice_image(z)
         embedding = self.service.encode(
-            image, settings, self.window, prompts, cancelled, self.disk_cache()
+            image, settings, self.window, self.to_square(prompts), cancelled, self.disk_cache()
         )
-        return Encoded(int(z), settings, embedding)
+        return Encoded(int(z), settings, embedding, plane)
 
     def flops_stats(
         self, z: int, settings: EncoderSettings | None = None, prompts=None, time_unmerged=True,
@@ -240,10 +244,9 @@ class Session:
         """Encoder FLOPs of ``settings`` (and, once per model, the dense FLOPs and an unmerged
         encode time) on slice ``z``. Costs one or three forwards; run it in a worker."""
         settings = settings or self.settings
-        if isinstance(prompts, Prompts):
-            prompts = prompts.as_dict()
         return self.service.flops(
-            self.slice_image(z), settings, self._book, prompts, self.window, time_unmerged,
+            self.slice_image(z), settings, self._book, self.to_square(prompts), self.window,
+            time_unmerged,
             cancelled,
         )  # fmt: skip
 
@@ -251,7 +254,8 @@ class Session:
 
     def store(self, enc: Encoded) -> None:
         """Keep an embedding (least recently used ones are dropped)."""
-        self._embeddings.put(enc.z, enc.settings, self.window, enc.embedding)
+        store = self._stores.setdefault((enc.plane or self.plane).key, EmbeddingStore())
+        store.put(enc.z, enc.settings, self.window, enc.embedding)
 
     def store_stats(self, stats) -> None:
         self._book.store(stats)
@@ -276,62 +280,79 @@ class Session:
     def needs_encode(self, z: int, prompts: Prompts | None = None) -> Reencode | None:
         """Why slice ``z`` must be encoded before ``prompts`` can be answered, or None
         (``structsam.interactive.reencode_reason``)."""
-        as_dict = prompts.as_dict() if prompts is not None else None
+        if isinstance(prompts, list):
+            prompts = Prompts.union(prompts)
+        as_dict = self.to_square(prompts) if prompts is not None else None
         return reencode_reason(self.encoding(z), self.settings, as_dict)
 
     # ------------------------------------------------------------------ decoding (GUI side)
 
-    def predict(self, z: int, prompts: Prompts) -> tuple[np.ndarray, float]:
-        """(mask (Y, X) bool, score) for ``prompts`` on slice ``z`` from its stored embedding."""
+    def predict(self, z: int, prompts) -> tuple[np.ndarray, object]:
+        """(mask (rows, cols) bool, score) for ``prompts`` on slice ``z`` from its stored
+        embedding; for a list of objects' prompts (label map 1..K uint8, scores (K,))."""
         enc = self.encoding(self._check_z(z))
         if enc is None:
             raise SessionError(f"slice {z} has no embedding yet")
         return self.decode(Encoded(z, self.settings, enc), prompts)
 
-    def decode(self, enc: Encoded, prompts: Prompts) -> tuple[np.ndarray, float]:
-        if not prompts:
-            raise SessionError("no prompt on this slice: add a box or a point")
-        try:
-            return self.service.decode(enc.settings, enc.embedding, prompts.as_dict())
-        except DecoderBusy as exc:
-            raise Busy(str(exc)) from None
+    def decode(self, enc: Encoded, prompts) -> tuple[np.ndarray, object]:
+        """Decode one object's ``Prompts`` or a list of objects' (the box-only ones in one
+        batched call) on the square-pixel slice; masks come back on the plane's pixels."""
+        import structsam
 
-    def segment(self, z: int, prompts: Prompts) -> tuple[np.ndarray, float]:
-        """Predict and put the mask into the current object at slice ``z``."""
-        if not prompts:
-            self.mask[self._check_z(z)] = 0
-            return self.mask[z].astype(bool), 0.0
+        objects = [o for o in (prompts if isinstance(prompts, list) else [prompts]) if o]
+        if not objects:
+            raise SessionError("no prompt on this slice: add a box or a point")
+        service = self.service
+        if not service.count_lock.acquire(blocking=False):
+            raise Busy("counting encoder FLOPs; the mask follows in a moment")
+        try:
+            predictor = structsam.Predictor(service.pool.decoder(enc.settings))
+            square = [self.to_square(o) for o in objects]
+            masks, scores = _obj.decode_objects(predictor, enc.embedding, square)
+        finally:
+            service.count_lock.release()
+        masks = np.stack([self.pixels.to_original(m) for m in masks])
+        if not isinstance(prompts, list):
+            return masks[0], float(scores[0])
+        return _obj.label_map(masks), scores
+
+    def segment(self, z: int, prompts) -> tuple[np.ndarray, object]:
+        """Predict and put the mask (or the objects' label map) into the current object at
+        slice ``z`` of the plane."""
+        view = self.plane_mask
+        if not (any(prompts) if isinstance(prompts, list) else prompts):
+            view[self._check_z(z)] = 0
+            return view[z].astype(bool), 0.0
         mask, score = self.predict(z, prompts)
-        self.mask[z] = mask
+        view[z] = mask
         return mask, score
 
-    # ------------------------------------------------------------------ commit / undo
+    # ------------------------------------------------------------------ commit / undo / redo
 
     def commit(self) -> Commit | None:
-        """Current object -> a new label in ``objects``, only where no object is yet; clears
-        the current object. None when there was nothing new to commit."""
+        """Each object of the current label map -> a new label in ``objects``, only where no
+        object is yet; clears the current object. None when there was nothing new."""
         self._check_image()
-        sel = (self.mask > 0) & (self.objects == 0)
-        if not sel.any():
-            self.mask[:] = 0
-            return None
-        label = int(self.objects.max()) + 1
-        index = np.flatnonzero(sel)
-        self.objects.reshape(-1)[index] = label
-        self.mask[:] = 0
-        commit = Commit(label, index)
-        self.history.append(commit)
-        return commit
+        done = _obj.commit(self.objects, self.mask)
+        if done is not None:
+            self.history.push(done)
+        return done
 
-    def undo(self) -> Commit | None:
-        """Take back the last commit (pixels since painted with another label stay)."""
-        if not self.history:
-            return None
-        commit = self.history.pop()
-        flat = self.objects.reshape(-1)
-        idx = commit.index[flat[commit.index] == commit.label]
-        flat[idx] = 0
-        return commit
+    def undo(self):
+        """Take back the last step: a commit's pixels that still hold its labels are cleared.
+        Returns the step (other kinds, e.g. the widget's prompt edits, are the caller's)."""
+        step = self.history.undo()
+        if isinstance(step, Commit):
+            _obj.undo_commit(self.objects, step)
+        return step
+
+    def redo(self):
+        """Do the last undone step again (a commit only where ``objects`` is still 0)."""
+        step = self.history.redo()
+        if isinstance(step, Commit):
+            _obj.redo_commit(self.objects, step)
+        return step
 
     # ------------------------------------------------------------------ 3D propagation
 
@@ -344,32 +365,43 @@ class Session:
         cancelled: Callable[[], bool] | None = None,
         max_slices: int | None = None,
     ) -> Iterator[SliceResult]:
-        """Carry the object on slice ``z0`` through the volume in both directions with
-        ``structsam.interactive.propagate`` (the seed's box and innermost point prompt it; each
-        next slice is prompted with the previous slice's mask; a direction stops where its stop
-        rules fire). Yields one ``SliceResult`` per visited slice and changes nothing: the
-        caller applies them (``apply_slice``). Worker-safe given ``seed`` and ``known``
+        """Carry each object on slice ``z0`` of the plane through the volume in both
+        directions with ``structsam.interactive.propagate`` (the object's box and innermost
+        point prompt it; each next slice is prompted with the previous slice's mask; a
+        direction stops where its stop rules fire), one object after the other. Yields one
+        ``SliceResult`` per visited slice and changes nothing: the caller applies them
+        (``apply_slice``). Worker-safe given ``seed`` (a label map or a mask) and ``known``
         (slice -> ``Embedding`` under ``settings``)."""
         z0 = self._check_z(z0)
         settings = settings or self.settings
-        seed = (self.mask[z0] > 0) if seed is None else np.asarray(seed, bool)
-        if not seed.any():
+        seed = self.plane_mask[z0] if seed is None else np.asarray(seed)
+        labels = [int(v) for v in np.unique(seed) if v]
+        if not labels:
             raise SessionError("segment the object on this slice first (S), then propagate")
-        total = self.n_slices - 1
-        if max_slices is not None:
-            total = min(total, 2 * max_slices)
-        steps = self.service.propagate(
-            self.volume, z0, settings, box_of(seed), _interior_point(seed), self.window,
-            known, cancelled, self.disk_cache(), max_slices,
-        )  # fmt: skip
-        for done, step in enumerate(steps, 1):
-            enc = None if step.embedding is None else Encoded(step.z, settings, step.embedding)
-            mask = step.mask if step.mask is not None else np.zeros(self.volume.shape[1:3], bool)
-            yield SliceResult(step.z, mask, enc, step.stopped, done, total)
+        plane, volume = self.plane, self.plane.view(self.volume)
+        spacing = None if plane.spacing is None else [plane.spacing[a] for a in plane.order]
+        per = self.n_slices - 1 if max_slices is None else min(self.n_slices - 1, 2 * max_slices)
+        done, total = 0, per * len(labels)
+        for label in labels:
+            mask = seed == label
+            steps = self.service.propagate(
+                volume, z0, settings, box_of(mask), interior_point(mask), self.window,
+                known, cancelled, self.disk_cache(), max_slices, spacing,
+            )  # fmt: skip
+            for step in steps:
+                done += 1
+                enc = None
+                if step.embedding is not None:
+                    enc = Encoded(step.z, settings, step.embedding, plane)
+                m = step.mask if step.mask is not None else np.zeros(volume.shape[1:3], bool)
+                yield SliceResult(step.z, m, enc, step.stopped, done, total, label)
 
     def apply_slice(self, result: SliceResult) -> None:
-        """Write one propagation result into the current object."""
-        self.mask[result.z] = result.mask
+        """Write one propagation result into the current object (its label's pixels on that
+        slice are replaced; other objects' stay)."""
+        view = self.plane_mask[result.z]
+        view[view == result.label] = 0
+        view[np.asarray(result.mask, bool) & (view == 0)] = result.label
         if result.encoding is not None:
             self.store(result.encoding)
 
@@ -387,12 +419,3 @@ class Session:
             self.apply_slice(res)
             results.append(res)
         return results
-
-
-def _interior_point(mask: np.ndarray) -> np.ndarray:
-    """(x, y) of the mask pixel farthest from its border."""
-    from scipy import ndimage
-
-    dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    return np.array([x, y], dtype=float)

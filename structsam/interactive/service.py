@@ -319,22 +319,25 @@ class EncoderService:
     def propagate(
         self, volume, z: int, settings: EncoderSettings, box, point, window=None,
         known: Mapping | None = None, cancelled: Callable[[], bool] | None = None, cache=None,
-        max_slices: int | None = None,
+        max_slices: int | None = None, spacing=None,
     ):  # fmt: skip
         """Stream :func:`structsam.interactive.propagate` of the object prompted on slice
         ``z`` (``box``, one positive ``point``, image pixels) through ``volume`` (Z, Y, X):
         yields a :class:`PropagationStep` per kept slice as soon as it exists, then one per
         direction that stopped before the edge. ``known``: slice -> Embedding already made
-        under ``settings`` (not encoded again). Runs the walk in a helper thread (the service's
-        forward lock held); ``cancelled()`` stops it within one encoder block
-        (:class:`EncodeCancelled`)."""
+        under ``settings`` (not encoded again). ``spacing``: voxel size per axis (slices are
+        encoded on square pixels; ``known`` holds embeddings of those). Runs the walk in a
+        helper thread (the service's forward lock held); ``cancelled()`` stops it within one
+        encoder block (:class:`EncodeCancelled`)."""
         import queue
 
         from structsam.identity import sha256_array
 
+        from ..transforms import SquarePixels
         from .propagate import propagate
 
-        known = {sha256_array(volume[i]): e for i, e in (known or {}).items()}
+        sq = SquarePixels.for_slice(volume.shape[1:3], None if spacing is None else spacing[1:])
+        known = {sha256_array(sq.to_square(volume[i])): e for i, e in (known or {}).items()}
         model = self.pool.get(settings)
         predictor = _known_predictor(model, cache, known)
         events: queue.Queue = queue.Queue()
@@ -350,7 +353,7 @@ class EncoderService:
                     result = propagate(
                         predictor, volume, z, box=box, point_coords=[point], point_labels=[1],
                         window=window, prompt_aware=settings.uses_prompts, callback=on_slice,
-                        max_slices=max_slices,
+                        max_slices=max_slices, spacing=spacing,
                     )  # fmt: skip
                 for report in (result.up, result.down):
                     if report.stopped_at is not None and report.reason not in ("edge", "limit"):
