@@ -193,3 +193,35 @@ def test_run_bench_end_to_end(litemedsam, tmp_path):
     spectral_plot([res], tmp_path / "spectral.png")
     assert (tmp_path / "spectral.png").stat().st_size > 10_000
     json.dumps(res, default=float)
+
+
+def test_cli_method_specs_and_quick_preset(monkeypatch):
+    from structsam import cli
+
+    assert cli._method_specs("structsam[screen=2,rough=0.1],tome, algm") == [
+        "structsam[screen=2,rough=0.1]",
+        "tome",
+        "algm",
+    ]
+    args = cli.build_parser().parse_args(["bench", "--quick", "--limit", "4"])
+    seen = {}
+    monkeypatch.setattr(cli, "_bench_model", lambda a, *rest: seen.update(vars(a)) or {})
+    monkeypatch.setattr(cli, "_write_bench", lambda *a: "")
+    monkeypatch.chdir(pytest.importorskip("tempfile").mkdtemp())
+    cli.cmd_bench(args)
+    # the preset fills what the command line left at its default, and keeps the rest
+    assert seen["flops_reductions"] == "0.30" and seen["prompts"] == "box"
+    assert seen["limit"] == 4 and seen["repeats"] == 0 and seen["split"] == "test"
+
+
+def test_evaluate_is_a_preset_of_bench(monkeypatch, tmp_path):
+    from structsam import cli
+
+    args = cli.build_parser().parse_args(["evaluate", "--out", str(tmp_path)])
+    seen = {}
+    monkeypatch.setattr(cli, "_bench_model", lambda a, *rest: seen.update(vars(a)) or {})
+    monkeypatch.setattr(cli, "_write_bench", lambda *a: "")
+    assert args.func(args) == 0
+    assert seen["methods"] == "structsam" and seen["modes"] == "plain,prompt"
+    assert seen["flops_reductions"] == "0.1,0.2,0.3,0.4" and seen["repeats"] == 0
+    assert seen["split"] == "test"

@@ -78,7 +78,7 @@ __all__ = [
     "ventricle_cases",
 ]
 
-# bundled kinds, then the formats of structsam.datasets (a loaded case's kind is its format)
+# bundled kinds, then the formats of structsam.eval.datasets (a loaded case's kind is its format)
 KINDS: tuple[str, ...] = (
     "lesion-mri",
     "lesion-ct",
