@@ -8,7 +8,7 @@ import numpy as np
 
 from . import _layers as L
 from ._display import _guarded
-from ._session import Busy, Prompts
+from ._session import Busy
 from ._worker import propagate_job
 
 
@@ -58,10 +58,10 @@ class ActionsMixin:
             return
         s = self.session
         z = self.current_slice()
-        prompts = self._current_prompts(z)
+        prompts = self._current_objects(z)
         note = self._prompt_note
         if not prompts:
-            s.mask[z] = 0
+            s.plane_mask[z] = 0
             self.layers[L.MASK].refresh()
             if note:
                 self._event(note, error=True)
@@ -83,13 +83,15 @@ class ActionsMixin:
             self._report("segment", exc, prefix="cannot segment: ")
             return
         self.layers[L.MASK].refresh()
+        what = f"{len(prompts)} objects" if len(prompts) > 1 else "mask"
+        scores = "/".join(f"{v:.2f}" for v in np.ravel(score))
         if s.settings.uses_prompts:
             text = (
                 f"prompt inside the protected region: embedding reused, decoder only "
-                f"({int(mask.sum())} px, score {score:.2f})"
+                f"({what}: {int((mask > 0).sum())} px, score {scores})"
             )
         else:
-            text = f"mask: {int(mask.sum())} px on slice {z} (score {score:.2f})"
+            text = f"{what}: {int((mask > 0).sum())} px on slice {z} (score {scores})"
         self._event(text + (f" · {note}" if note else ""))
 
     @_guarded
@@ -100,10 +102,9 @@ class ActionsMixin:
             self._event("Segment volume works on 3D (Z, Y, X) images", error=True)
             return
         z = self.current_slice()
-        seed = s.mask[z] > 0
-        if not seed.any():
+        if not s.plane_mask[z].any():
             self.segment(explicit=False)
-            seed = s.mask[z] > 0
+        seed = s.plane_mask[z].copy()  # a label map: each object propagates
         if not seed.any():
             self._event("segment the object on this slice first [S], then [Shift-S]", True)
             return
@@ -111,7 +112,7 @@ class ActionsMixin:
         self._propagating = True
         self._pending_segment = False
         self._inflight = None
-        self.runner.start("propagate", propagate_job, s, z, seed.copy(), s.settings, known)
+        self.runner.start("propagate", propagate_job, s, z, seed, s.settings, known)
         self._set_busy(True, "propagating")
 
     @_guarded
@@ -126,26 +127,15 @@ class ActionsMixin:
         note = self._save_after("commit") if done is not None else None
         self.layers[L.OBJECTS].refresh()
         self._clear_prompt_layers()
+        self._reset_prompt_state()  # the commit took the prompts with it
         self.layers[L.MASK].refresh()
         if done is None:
             self._event("nothing new to commit (the mask is empty or already committed)")
         elif note is not None:  # else the save failure is on the status line
+            labels = ", ".join(str(v) for v in done.labels)
             self._event(
-                f"committed object {done.label} ({len(done.index)} px), {note}; undo: Ctrl-Z"
+                f"committed object(s) {labels} ({len(done.index)} px), {note}; undo: Ctrl-Z"
             )
-
-    @_guarded
-    def undo(self) -> None:
-        """[Ctrl-Z] Take back the last commit; other objects stay as they are."""
-        if self.image_layer is None:
-            return
-        done = self.session.undo()
-        note = self._save_after("undo") if done is not None else None
-        self.layers[L.OBJECTS].refresh()
-        if done is None:
-            self._event("nothing to undo")
-        elif note is not None:
-            self._event(f"removed object {done.label}, {note}")
 
     @_guarded
     def clear_prompts(self) -> None:
@@ -153,6 +143,7 @@ class ActionsMixin:
         if self.image_layer is None:
             return
         self._clear_prompt_layers()
+        self._record_prompt_edit()  # undoable
         self.session.mask[:] = 0
         self.layers[L.MASK].refresh()
         self._event("prompts cleared")
@@ -180,14 +171,5 @@ class ActionsMixin:
         action = str(getattr(event, "action", ""))
         if action.endswith("ing"):  # adding/changing/removing: wait for the final event
             return
+        self._record_prompt_edit()
         self._prompt_timer.start()
-
-    def _current_prompts(self, z: int | None = None) -> Prompts:
-        if not self.layers:
-            return Prompts()
-        z = self.current_slice() if z is None else z
-        xy, labels, box = L.slice_prompts(
-            self.layers[L.POINTS], self.layers[L.BOXES], z, self.session.is_3d
-        )
-        xy, labels, box, self._prompt_note = _fit_prompts(xy, labels, box, self.session.shape)
-        return Prompts(xy if len(xy) else None, labels if len(xy) else None, box)

@@ -82,36 +82,50 @@ class DisplayMixin:
         info = enc.merge_info[min(max(self.block_combo.currentIndex(), 0), len(enc.merge_info) - 1)]
         return info.tokens_after, info.tokens_before
 
+    def _clear_overlays(self) -> None:
+        """Take down what the last overlay update drew (a slice of some plane)."""
+        if self._overlay_z is None or not self.layers:
+            self._overlay_z = None
+            return
+        plane, z = self._overlay_z
+        for name in (L.MERGE_MAP, L.PROTECTED):
+            data = self.layers[name].data
+            if self.session.is_3d and data.ndim == 3:
+                plane.view(data)[z] = 0
+            else:
+                data[...] = 0
+            self.layers[name].refresh()
+        self._overlay_z = None
+        self.legend.setText("")
+
     def _update_overlays(self) -> None:
+        """The merge map of the shown slice: by default one hue by group size (legend in the
+        widget), or random colours per group; the protected region as an outline."""
         if not self.layers:
             return
+        self._clear_overlays()
+        s = self.session
         z = self.current_slice()
-        enc = self.session.encoding(z)
+        enc = s.encoding(z)
+        if enc is None or not enc.merge_info:
+            if enc is not None:
+                self.block_combo.clear()
+            return
+        self._update_blocks(enc)
+        block = min(max(self.block_combo.currentIndex(), 0), len(enc.merge_info) - 1)
+        values, outline, legend = L.merge_overlays(enc, block, self.merge_style.currentText())
+        px = s.pixels  # the embedding is of the square-pixel slice: map back to the plane's
         merge, prot = self.layers[L.MERGE_MAP], self.layers[L.PROTECTED]
-        is_3d = self.session.is_3d
-        if self._overlay_z is not None:  # clear what the last update drew
-            if is_3d:
-                merge.data[self._overlay_z] = 0
-                prot.data[self._overlay_z] = 0
-            else:
-                merge.data[...] = 0
-                prot.data[...] = 0
-            self._overlay_z = None
-        if enc is not None and enc.merge_info:
-            self._update_blocks(enc)
-            block = min(max(self.block_combo.currentIndex(), 0), len(enc.merge_info) - 1)
-            mmap, protected, _, _ = L.merge_overlays(enc, block)
-            if is_3d:
-                merge.data[z] = mmap
-                prot.data[z] = protected
-            else:
-                merge.data[...] = mmap
-                prot.data[...] = protected
-            self._overlay_z = z
-        elif enc is not None:
-            self.block_combo.clear()
-        merge.refresh()
-        prot.refresh()
+        if self.merge_style.currentText() == "compression":
+            merge.colormap = L.compression_colormap(legend)
+        else:
+            merge.colormap = L.groups_colormap()
+        for layer, value in ((merge, values), (prot, outline)):
+            target = s.plane.view(layer.data)[z] if s.is_3d else layer.data
+            target[...] = px.to_original(value)
+            layer.refresh()
+        self._overlay_z = (s.plane, z)
+        self.legend.setText(L.legend_html(legend) if legend else "random colour per group")
 
     def _update_status(self) -> None:
         s = self.session
@@ -140,7 +154,7 @@ class DisplayMixin:
                 f"({stats.flops / 1e9:.1f} of {stats.dense_flops / 1e9:.1f} GFLOP)"
             )
         elif settings.merging:
-            parts.append("FLOPs: counting…")
+            parts.append("FLOPs: counting…" if self.runner.busy else "FLOPs: not counted yet")
         if enc is not None and enc.from_cache:
             parts.append(f"embedding from the disk cache (encoded in {enc.seconds:.2f} s)")
         elif enc is not None:

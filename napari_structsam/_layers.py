@@ -89,8 +89,9 @@ def ensure_layers(viewer, image, shape: tuple[int, ...]) -> dict:
     layers[MERGE_MAP] = _labels(viewer, MERGE_MAP, shape, np.int32, image, opacity=0.45)
     layers[PROTECTED] = _labels(viewer, PROTECTED, shape, np.uint8, image, opacity=0.45)
     layers[PROTECTED].colormap = _single_colour(PROTECTED_COLOR)
-    # outlined, not filled: most of an anatomical image is protected, a fill would hide it
-    layers[PROTECTED].contour = 1
+    # the protected region's outline is drawn as such (most of an anatomical image is
+    # protected, a fill would hide it)
+    layers[PROTECTED].contour = 0
     layers[OBJECTS] = _labels(viewer, OBJECTS, shape, np.int32, image, opacity=0.6)
     layers[MASK] = _labels(viewer, MASK, shape, np.uint8, image, opacity=0.55)
     layers[MASK].colormap = _single_colour(MASK_COLOR)
@@ -126,40 +127,49 @@ def ensure_layers(viewer, image, shape: tuple[int, ...]) -> dict:
     return layers
 
 
-def slice_prompts(points, boxes, z: int | None, is_3d: bool):
-    """The prompts drawn on slice ``z`` (all of them for a 2D image), in image pixels:
-    (points (N, 2) x/y, labels (N,), box (4,) or None). The newest box wins."""
-    pts = np.asarray(points.data, float)
-    labels = np.asarray(points.features["label"]) if len(pts) else np.array([])
-    if is_3d and len(pts):
-        keep = np.round(pts[:, 0]).astype(int) == z
-        pts, labels = pts[keep], labels[keep]
-    xy = pts[:, ::-1][:, :2] if len(pts) else np.zeros((0, 2))
-    lab = (labels == POSITIVE).astype(int)
-    box = None
-    for shape, kind in zip(reversed(boxes.data), reversed(boxes.shape_type), strict=True):
-        v = np.asarray(shape, float)
-        if kind not in ("rectangle", "polygon", "ellipse") or len(v) < 2:
-            continue
-        if is_3d and not np.all(np.round(v[:, 0]).astype(int) == z):
-            continue
-        (y0, x0), (y1, x1) = v[:, -2:].min(0), v[:, -2:].max(0)
-        if x1 - x0 >= 1 and y1 - y0 >= 1:
-            box = np.array([x0, y0, x1, y1])
-            break
-    return xy, lab, box
+def merge_overlays(embedding, block: int, style: str = "compression"):
+    """(values, outline, legend) of one merged block of a ``structsam.Embedding``, in its
+    image's pixels (``structsam.vis.merge_map_layers``): ``values`` are the group size per
+    pixel (``style="compression"``; 1, kept, is 0 = transparent) or a shuffled group id where
+    tokens merged (``"groups"``); ``outline`` the protected region's boundary; ``legend``
+    (size, RGBA) per group size present (empty for ``"groups"``)."""
+    from structsam.vis import merge_map_layers
+
+    layers = merge_map_layers(embedding, block, max_alpha=1.0)
+    merged = layers.sizes > 1
+    if style == "compression":
+        values = np.where(merged, layers.sizes, 0).astype(np.int32)
+        legend = layers.legend
+    else:
+        ids, inverse = np.unique(layers.groups, return_inverse=True)
+        # shuffled so that neighbouring groups get unrelated colours
+        order = np.random.default_rng(block).permutation(len(ids)) + 1
+        values = np.where(merged, order[inverse.reshape(merged.shape)], 0).astype(np.int32)
+        legend = []
+    return values, layers.outline.astype(np.uint8), legend
 
 
-def merge_overlays(embedding, block: int) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """(merge map, protected cells, tokens kept, tokens before) of one merged block of a
-    ``structsam.Embedding``, in image pixels: groups of two or more tokens get ids from 1
-    (single tokens stay 0, transparent)."""
-    info = embedding.merge_info[block]
-    grid = info.merge_map
-    ids, inverse, counts = np.unique(grid, return_inverse=True, return_counts=True)
-    # shuffle the group ids so neighbouring groups get unrelated colours
-    order = np.random.default_rng(block).permutation(len(ids)) + 1
-    grouped = np.where(counts[inverse] > 1, order[inverse], 0).reshape(grid.shape)
-    merge_map = embedding.map_to_image(grouped.astype(np.int32))
-    protected = embedding.map_to_image(info.protected.astype(np.uint8))
-    return merge_map, protected, info.tokens_after, info.tokens_before
+def compression_colormap(legend):
+    """Group size -> the legend's colour (size 1 and background transparent)."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colors = {None: "transparent", 0: "transparent"}
+    colors.update({size: rgba for size, rgba in legend if size > 1})
+    return DirectLabelColormap(color_dict=colors)
+
+
+def groups_colormap():
+    from napari.utils.colormaps import label_colormap
+
+    return label_colormap(49, seed=0.5)
+
+
+def legend_html(legend) -> str:
+    """One line of swatches: the colour of each group size over a dark background."""
+    cells = []
+    for size, (r, g, b, a) in legend:
+        rgb = [round(255 * (0.15 * (1 - a) + c * a)) for c in (r, g, b)]
+        hex_color = "#" + "".join(f"{v:02x}" for v in rgb)
+        name = "kept" if size == 1 else str(size)
+        cells.append(f'<span style="background:{hex_color}">&nbsp;&nbsp;&nbsp;</span> {name}')
+    return "tokens per group: " + " &nbsp;".join(cells)

@@ -29,7 +29,8 @@ KEYS = {
     "volume": ("Shift-S", "Propagate the current object slice by slice through the volume"),
     "commit": ("C", "Commit the current object as a new label (never overwrites others)"),
     "clear": ("Shift-C", "Clear all prompts and the current object"),
-    "undo": ("Control-Z", "Undo the last commit"),
+    "undo": ("Control-Z", "Undo the last commit or prompt edit"),
+    "redo": ("Control-Shift-Z", "Redo what was undone (never over another object)"),
     "toggle": ("T", "Next point: toggle positive / negative"),
 }
 
@@ -143,6 +144,17 @@ class PanelMixin:
         self.block_combo = QComboBox()
         self.block_combo.setToolTip("Which merged encoder block's token groups to show")
         grid.addWidget(self.block_combo, 2, 1, 1, 2)
+        grid.addWidget(QLabel("merge map"), 3, 0)
+        self.merge_style = QComboBox()
+        self.merge_style.addItems(["compression", "groups"])
+        self.merge_style.setToolTip(
+            "compression: one hue, stronger where more tokens were merged into one (legend "
+            "below); groups: a random colour per merged group"
+        )
+        grid.addWidget(self.merge_style, 3, 1, 1, 2)
+        self.legend = QLabel("")
+        self.legend.setToolTip("Tokens per group: 1 = kept as it was, 4 = a 2x2 cell merged...")
+        grid.addWidget(self.legend, 4, 0, 1, 3)
         return box
 
     def _annotate_box(self) -> QGroupBox:
@@ -154,8 +166,9 @@ class PanelMixin:
             "volume": "Segment volume",
             "commit": "Commit",
             "clear": "Clear prompts",
-            "undo": "Undo commit",
             "toggle": "Positive/negative",
+            "undo": "Undo",
+            "redo": "Redo",
         }
         for i, (name, text) in enumerate(texts.items()):
             key, tip = KEYS[name]
@@ -220,12 +233,14 @@ class PanelMixin:
             check.toggled.connect(self._apply_visibility)
         self.opacity_slider.valueChanged.connect(self._apply_visibility)
         self.block_combo.currentIndexChanged.connect(self._block_chosen)
+        self.merge_style.currentIndexChanged.connect(self._block_chosen)
         actions = {
             "segment": lambda: self.segment(explicit=True),
             "volume": self.segment_volume,
             "commit": self.commit,
             "clear": self.clear_prompts,
             "undo": self.undo,
+            "redo": self.redo,
             "toggle": self.toggle_label,
         }
         self._actions = actions
@@ -237,6 +252,8 @@ class PanelMixin:
         layers.events.inserted.connect(self._refresh_images)
         layers.events.removed.connect(self._refresh_images)
         self.viewer.dims.events.current_step.connect(self._dims_moved)
+        self.viewer.dims.events.order.connect(self._order_changed)
+        self.viewer.dims.events.ndisplay.connect(self._order_changed)
         for name, func in actions.items():
             key = KEYS[name][0]
             # overwrite: S and T are select/path modes of napari's points and shapes layers,

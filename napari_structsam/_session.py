@@ -179,7 +179,8 @@ class Session:
 
     def slice_image(self, z: int) -> np.ndarray:
         """Slice ``z`` of the current plane on square pixels (what is encoded)."""
-        return self.pixels.to_square(self.plane.view(self.volume)[self._check_z(z)])
+        z = self._check_z(z)
+        return self.pixels.to_square(self.plane.view(self.volume)[z])
 
     def to_square(self, prompts) -> dict | None:
         """Prompts (plane pixels, a ``Prompts`` or a dict) -> a dict on square pixels."""

@@ -21,7 +21,9 @@ from . import _layers as L
 from ._actions import ActionsMixin
 from ._autosave import AutosaveMixin
 from ._display import DisplayMixin, _guarded, _widget_destroyed
+from ._objects import ObjectsMixin
 from ._panel import KEYS, PanelMixin
+from ._plane import PlaneMixin
 from ._session import (
     Encoded,
     EncoderSettings,
@@ -40,7 +42,9 @@ PREFETCH = 2  # neighbouring slices encoded on each side after the current one
 log = logging.getLogger("napari_structsam")
 
 
-class StructSAMWidget(PanelMixin, DisplayMixin, AutosaveMixin, ActionsMixin, QWidget):
+class StructSAMWidget(
+    PanelMixin, DisplayMixin, AutosaveMixin, ActionsMixin, PlaneMixin, ObjectsMixin, QWidget
+):
     """Click-to-segment with a token-merging SAM encoder running in the background."""
 
     def __init__(self, napari_viewer):
@@ -136,6 +140,8 @@ class StructSAMWidget(PanelMixin, DisplayMixin, AutosaveMixin, ActionsMixin, QWi
         if new == self.session.settings:
             return
         self.session.settings = new
+        self._clear_overlays()  # the old model's or rate's
+        self.last_encoding = None
         self._update_status()
         if self.image_layer is not None:
             self._request_encode(segment_after=True)
@@ -190,7 +196,10 @@ class StructSAMWidget(PanelMixin, DisplayMixin, AutosaveMixin, ActionsMixin, QWi
             objects = None
             if L.OBJECTS in self.viewer.layers:
                 objects = self.viewer.layers[L.OBJECTS].data
-            self.session.set_image(layer.data, rgb=layer.rgb, objects=objects)
+            spatial = layer.ndim  # napari's ndim leaves the RGB channels out
+            self.session.set_image(
+                layer.data, rgb=layer.rgb, objects=objects, spacing=tuple(layer.scale[-spatial:])
+            )
         except SessionError as exc:
             self.image_layer = None
             self._event(str(exc), error=True)
@@ -198,6 +207,7 @@ class StructSAMWidget(PanelMixin, DisplayMixin, AutosaveMixin, ActionsMixin, QWi
         if self.image_layer is not None:
             self.image_layer.events.contrast_limits.disconnect(self._contrast_changed)
         self.image_layer = layer
+        self.session.set_plane(self.current_plane())
         layer.events.contrast_limits.connect(self._contrast_changed)
         self.session.window = (
             tuple(layer.contrast_limits) if self.window_check.isChecked() else None
@@ -228,6 +238,7 @@ class StructSAMWidget(PanelMixin, DisplayMixin, AutosaveMixin, ActionsMixin, QWi
             for key_name, func in self._actions.items():
                 prompt_layer.bind_key(KEYS[key_name][0], lambda _l, f=func: f(), overwrite=True)
         self._apply_visibility()
+        self._reset_prompt_state()
         # annotating starts with points: select that layer in add mode, keep the image visible
         self.viewer.layers.selection.active = self.layers[L.POINTS]
         self.layers[L.POINTS].mode = "add"
@@ -245,20 +256,6 @@ class StructSAMWidget(PanelMixin, DisplayMixin, AutosaveMixin, ActionsMixin, QWi
         s = self.session
         kind = f"{s.n_slices} slices" if s.is_3d else "2D"
         return f"{kind}, {s.shape[-2]} x {s.shape[-1]} px"
-
-    def current_slice(self) -> int:
-        """Index of the displayed slice along the image's first axis (0 for 2D images)."""
-        if not self.session.is_3d or self.image_layer is None:
-            return 0
-        pos = L.displayed_position(self.image_layer, self.viewer.dims.point)
-        return int(np.clip(round(float(pos[0])), 0, self.session.n_slices - 1))
-
-    def _plane_ok(self) -> bool:
-        dims = self.viewer.dims
-        if dims.ndisplay != 2 or tuple(dims.displayed) != (dims.ndim - 2, dims.ndim - 1):
-            self._event("prompts work in the 2D (Y, X) view: press Ctrl-E/Ctrl-T back", True)
-            return False
-        return True
 
     # ------------------------------------------------------------------ encoding
 
@@ -320,7 +317,8 @@ class StructSAMWidget(PanelMixin, DisplayMixin, AutosaveMixin, ActionsMixin, QWi
         elif isinstance(value, Encoded):
             s.store(value)
             s.note_unmerged_time(value)
-            if value.z == self.current_slice() and value.settings == s.settings:
+            same = value.plane in (None, s.plane)
+            if same and value.z == self.current_slice() and value.settings == s.settings:
                 self.last_encoding = value
                 self._inflight = None
                 self._update_overlays()
@@ -352,7 +350,7 @@ class StructSAMWidget(PanelMixin, DisplayMixin, AutosaveMixin, ActionsMixin, QWi
             self.segment(explicit=False)
         if job.kind == "propagate":
             self._propagating = False
-            n = int((self.session.mask > 0).any(axis=(1, 2)).sum())
+            n = int((self.session.plane_mask > 0).any(axis=(1, 2)).sum())
             self._event(f"object propagated: on {n} slices; commit it with [C]")
             self._request_encode()
 
@@ -420,6 +418,8 @@ class StructSAMWidget(PanelMixin, DisplayMixin, AutosaveMixin, ActionsMixin, QWi
             (viewer.layers.events.inserted, self._refresh_images),
             (viewer.layers.events.removed, self._refresh_images),
             (viewer.dims.events.current_step, self._dims_moved),
+            (viewer.dims.events.order, self._order_changed),
+            (viewer.dims.events.ndisplay, self._order_changed),
         ]
         if self.image_layer is not None:
             hooks.append((self.image_layer.events.contrast_limits, self._contrast_changed))
