@@ -1,4 +1,5 @@
-"""Take the README's screenshot: napari with the StructSAM widget and its overlays on the MRI.
+"""Take the README's screenshot: napari with the StructSAM widget on the MRI in the sagittal
+plane, two committed objects, a third being segmented and the compression map with its legend.
 
     python tools/screenshot.py [--out docs/napari_widget.png]
 
@@ -18,8 +19,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-SLICE = 77  # the axial slice through the ventricles
-BOX_YX = ((62, 76), (102, 120))  # frontal horns of the lateral ventricles and caudate heads
+X = 88  # the sagittal slice through the left lateral ventricle
+# boxes in the sagittal plane's pixels (x along y, y along z): the lateral ventricle and the
+# cerebellum (committed), then the corpus callosum's splenium (segmented, not committed)
+COMMITTED = ((70, 72, 135, 100), (115, 18, 170, 62))
+CURRENT = (118, 88, 150, 108)
 
 
 def main() -> int:
@@ -47,7 +51,8 @@ def main() -> int:
 
     app = QApplication.instance()
     viewer.window._qt_window.resize(*args.size)  # no public API for the window size
-    viewer.dims.set_current_step(0, SLICE)
+    viewer.dims.order = (2, 0, 1)  # sagittal: rows z, columns y
+    viewer.dims.set_current_step(2, X)
 
     def settle(seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -55,23 +60,31 @@ def main() -> int:
             app.processEvents()
             time.sleep(0.01)
 
+    def box(x0, y0, x1, y1) -> None:
+        rect = np.array([[y, x, X] for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))], float)
+        viewer.layers[L.BOXES].add_rectangles(rect)
+
+    def segmented() -> None:
+        deadline = time.monotonic() + 300
+        while not viewer.layers[L.MASK].data[:, :, X].any() and time.monotonic() < deadline:
+            settle(0.1)
+        widget.runner.wait(300)
+        settle(0.5)
+
     settle(0.5)
     widget.runner.wait(300)
-    (y0, x0), (y1, x1) = BOX_YX
-    rect = np.array([[SLICE, y0, x0], [SLICE, y0, x1], [SLICE, y1, x1], [SLICE, y1, x0]])
-    viewer.layers[L.BOXES].add_rectangles(rect)
-    deadline = time.monotonic() + 300
-    while not viewer.layers[L.MASK].data[SLICE].any() and time.monotonic() < deadline:
-        settle(0.1)
-    widget.runner.wait(300)
-    settle(0.5)
-    # overlays on (they are by default; made explicit for the picture), zoomed onto the brain
+    for rect in COMMITTED:
+        box(*rect)
+    segmented()
+    widget.commit()
+    box(*CURRENT)
+    segmented()
     for check in (widget.show_mask, widget.show_merge, widget.show_protected):
         check.setChecked(True)
     viewer.layers.selection.active = viewer.layers[L.BOXES]
     settle(0.5)
-    viewer.camera.center = (SLICE, 116, 98)
-    viewer.camera.zoom = 3.4
+    viewer.camera.center = (0, 95, 108)
+    viewer.camera.zoom = 2.6
     settle(1.0)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
