@@ -6,6 +6,8 @@ import functools
 import logging
 import traceback
 
+from qtpy.QtCore import Qt
+
 from . import _layers as L
 from ._session import SessionError
 
@@ -173,12 +175,27 @@ class DisplayMixin:
         """One line under the status (its tooltip has the full text, or ``detail``); errors
         also go to napari's notifications."""
         self.event_label.setText(text)
-        self.event_label.setToolTip(detail or text)
+        self.event_label.setToolTip(text if detail is None else f"{text}\n\n{detail}")
         self.event_label.setStyleSheet("color: #ff6b6b;" if error else "")
+        self._fit_event_line()
         if error:
             from napari.utils.notifications import show_warning
 
             show_warning(f"StructSAM: {text}")
+
+    def _fit_event_line(self, *_) -> None:
+        """Two lines, or (with "more" pressed) as many as the message takes; "more" shows
+        only when the message is longer than two lines."""
+        label = self.event_label
+        lines = label.fontMetrics().lineSpacing()
+        width = max(label.width(), 50)
+        rect = label.fontMetrics().boundingRect(
+            0, 0, width, 10_000, int(Qt.TextFlag.TextWordWrap), label.text()
+        )
+        needed = rect.height() + 4
+        self.event_more.setVisible(needed > 2 * lines + 4 or self.event_more.isChecked())
+        full = self.event_more.isChecked()
+        label.setFixedHeight(min(needed, 12 * lines + 4) if full else 2 * lines + 4)
 
     def _report(self, where: str, exc: BaseException, prefix: str = "") -> None:
         """An error caught at a callback's edge: logged with its traceback and shown."""

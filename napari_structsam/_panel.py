@@ -200,7 +200,14 @@ class PanelMixin:
             label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
             label.setFixedHeight(n * lines + 4)
         root.addWidget(self.status)
-        root.addWidget(self.event_label)
+        events = QHBoxLayout()
+        events.addWidget(self.event_label, 1)
+        self.event_more = QPushButton("more")
+        self.event_more.setCheckable(True)
+        self.event_more.setToolTip("Show the whole message (errors say how to fix them)")
+        self.event_more.setVisible(False)
+        events.addWidget(self.event_more, 0, Qt.AlignmentFlag.AlignTop)
+        root.addLayout(events)
         root.addStretch(1)
 
     def _connect(self) -> None:
@@ -247,6 +254,7 @@ class PanelMixin:
         for name, func in actions.items():
             self.buttons[name].clicked.connect(lambda _=False, f=func: f())
         self.cancel_button.clicked.connect(self.cancel)
+        self.event_more.toggled.connect(self._fit_event_line)
 
         layers = self.viewer.layers
         layers.events.inserted.connect(self._refresh_images)

@@ -56,6 +56,8 @@ class PlaneMixin:
         """Index of the displayed slice across the current plane (0 for 2D images)."""
         if not self.session.is_3d or self.image_layer is None:
             return 0
+        if len(self.viewer.dims.point) < self.image_layer.ndim:  # layers being removed
+            return 0
         pos = L.displayed_position(self.image_layer, self.viewer.dims.point)
         index = float(pos[-3:][self.session.plane.axis])
         return int(np.clip(round(index), 0, self.session.n_slices - 1))
@@ -80,6 +82,9 @@ class PlaneMixin:
         self._pending_segment = False
         self.session.set_plane(plane)
         self.last_encoding = None
+        # slices with z as rows are shown with the head up, as radiologists read them
+        horizontal = self.viewer.camera.orientation2d[1]
+        self.viewer.camera.orientation2d = ("up" if plane.rows == 0 else "down", horizontal)
         self._event(f"annotating the {plane.name} plane ({self.session.n_slices} slices)")
         self._request_encode()
 

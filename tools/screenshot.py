@@ -21,9 +21,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 X = 88  # the sagittal slice through the left lateral ventricle
 # boxes in the sagittal plane's pixels (x along y, y along z): the lateral ventricle and the
-# cerebellum (committed), then the corpus callosum's splenium (segmented, not committed)
-COMMITTED = ((70, 72, 135, 100), (115, 18, 170, 62))
-CURRENT = (118, 88, 150, 108)
+# cerebellum (committed), then the thalamus (segmented, not committed)
+COMMITTED = ((70, 72, 135, 100), (148, 22, 195, 68))
+CURRENT = (95, 58, 135, 84)
 
 
 def main() -> int:
@@ -39,7 +39,12 @@ def main() -> int:
         cmd = ["xvfb-run", "-a", "-s", f"-screen 0 {w + 100}x{h + 100}x24", sys.executable]
         return subprocess.call([*cmd, *sys.argv], env=env)
 
+    import tempfile
+
     import napari._qt.qt_main_window as qt_main_window
+
+    # a fresh cache and autosave folder: no objects of an earlier run come back into the picture
+    os.environ["STRUCTSAM_CACHE_DIR"] = tempfile.mkdtemp(prefix="structsam-screenshot-")
 
     from napari_structsam import _layers as L
     from napari_structsam._launch import annotate
@@ -83,7 +88,7 @@ def main() -> int:
         check.setChecked(True)
     viewer.layers.selection.active = viewer.layers[L.BOXES]
     settle(0.5)
-    viewer.camera.center = (0, 95, 108)
+    viewer.camera.center = (0, 85, 110)
     viewer.camera.zoom = 2.6
     settle(1.0)
     out = Path(args.out)
