@@ -29,7 +29,7 @@ NAMES = (MERGE_MAP, PROTECTED, OBJECTS, MASK, BOXES, POINTS)  # bottom to top
 POSITIVE, NEGATIVE = "positive", "negative"
 POINT_COLORS = ["#39ff14", "#ff2d2d"]  # positive green, negative red (micro-sam's convention)
 MASK_COLOR = "#ffd400"
-PROTECTED_COLOR = "#00b4ff"
+PROTECTED_COLOR = "#ff4dff"  # magenta: apart from the map's blue and the boxes' orange
 
 
 def _aligned(layer, image) -> None:

@@ -20,6 +20,7 @@ from ._session import Commit
 class PromptSnapshot:
     points: np.ndarray
     labels: tuple
+    tags: tuple
     boxes: list
     kinds: list
 
@@ -28,6 +29,7 @@ class PromptSnapshot:
             isinstance(other, PromptSnapshot)
             and np.array_equal(self.points, other.points)
             and self.labels == other.labels
+            and self.tags == other.tags
             and self.kinds == other.kinds
             and len(self.boxes) == len(other.boxes)
             and all(np.array_equal(a, b) for a, b in zip(self.boxes, other.boxes, strict=True))
@@ -48,8 +50,9 @@ class ObjectsMixin:
     def _snapshot(self) -> PromptSnapshot:
         points, boxes = self.layers[L.POINTS], self.layers[L.BOXES]
         labels = tuple(points.features["label"]) if len(points.data) else ()
+        tags = tuple(points.features.get("object", [0] * len(points.data)))
         return PromptSnapshot(
-            np.array(points.data, float, copy=True), labels,
+            np.array(points.data, float, copy=True), labels, tags,
             [np.array(d, float, copy=True) for d in boxes.data], list(boxes.shape_type),
         )  # fmt: skip
 
@@ -64,7 +67,27 @@ class ObjectsMixin:
         self._prompt_state = now
 
     def _reset_prompt_state(self) -> None:
-        self._prompt_state = self._snapshot() if self.layers else None
+        """After the prompt layers were set anew: the next edit is compared with them; the
+        points layer gets its object tags (0 until [N])."""
+        if not self.layers:
+            self._prompt_state = None
+            return
+        points = self.layers[L.POINTS]
+        if "object" not in points.features:
+            points.features = points.features.assign(object=0)
+        points.feature_defaults["object"] = 0
+        self._prompt_state = self._snapshot()
+
+    @_guarded
+    def new_object(self) -> None:
+        """[N] The next points form a new object (points inside a box stay the box's)."""
+        if not self.layers:
+            return
+        points = self.layers[L.POINTS]
+        used = np.nan_to_num(np.asarray(points.features["object"], float))
+        tag = int(max(used.max(initial=0), points.feature_defaults["object"].iloc[0])) + 1
+        points.feature_defaults["object"] = tag
+        self._event(f"next points: object {tag + 1} of this slice (points outside boxes)")
 
     def _restore_prompts(self, snap: PromptSnapshot) -> None:
         points, boxes = self.layers[L.POINTS], self.layers[L.BOXES]
@@ -73,7 +96,10 @@ class ObjectsMixin:
         try:
             points.data = snap.points.reshape(-1, points.ndim)
             if len(snap.points):
-                points.features = {"label": np.array(snap.labels, dtype=object)}
+                points.features = {
+                    "label": np.array(snap.labels, dtype=object),
+                    "object": np.array(snap.tags, dtype=int),
+                }
                 points.face_color = "label"
             boxes.data = []
             if snap.boxes:
@@ -117,4 +143,4 @@ class ObjectsMixin:
 
 
 def _empty(like: PromptSnapshot) -> PromptSnapshot:
-    return PromptSnapshot(np.zeros((0,) + like.points.shape[1:]), (), [], [])
+    return PromptSnapshot(np.zeros((0,) + like.points.shape[1:]), (), (), [], [])

@@ -32,6 +32,7 @@ KEYS = {
     "undo": ("Control-Z", "Undo the last commit or prompt edit"),
     "redo": ("Control-Shift-Z", "Redo what was undone (never over another object)"),
     "toggle": ("T", "Next point: toggle positive / negative"),
+    "new": ("N", "New object: the next points (outside boxes) form another object"),
 }
 
 
@@ -167,6 +168,7 @@ class PanelMixin:
             "commit": "Commit",
             "clear": "Clear prompts",
             "toggle": "Positive/negative",
+            "new": "New object",
             "undo": "Undo",
             "redo": "Redo",
         }
@@ -249,6 +251,7 @@ class PanelMixin:
             "undo": self.undo,
             "redo": self.redo,
             "toggle": self.toggle_label,
+            "new": self.new_object,
         }
         self._actions = actions
         for name, func in actions.items():

@@ -12,12 +12,16 @@ from ._prompts import Prompts
 
 def plane_prompts(points, boxes, plane, z: int, is_3d: bool):
     """The prompts drawn on slice ``z`` of ``plane`` (every one for a 2D image), in the
-    plane's pixels: (points (N, 2) x/y, labels (N,) 1/0, boxes (K, 4) in drawing order)."""
+    plane's pixels: (points (N, 2) x/y, labels (N,) 1/0, boxes (K, 4) in drawing order,
+    object tags (N,) of the points)."""
     pts = np.asarray(points.data, float)
     labels = np.asarray(points.features["label"]) if len(pts) else np.array([])
+    tags = np.zeros(len(pts), int)
+    if len(pts) and "object" in points.features:
+        tags = np.nan_to_num(np.asarray(points.features["object"], float)).astype(int)
     if len(pts) and is_3d:
         keep = plane.slice_index(pts) == z
-        pts, labels = pts[keep], labels[keep]
+        pts, labels, tags = pts[keep], labels[keep], tags[keep]
         xy = plane.to_xy(pts)
     else:
         xy = pts[:, ::-1][:, :2] if len(pts) else np.zeros((0, 2))
@@ -35,7 +39,8 @@ def plane_prompts(points, boxes, plane, z: int, is_3d: bool):
         (x0, y0), (x1, y1) = corners.min(0), corners.max(0)
         if x1 - x0 >= 1 and y1 - y0 >= 1:
             found.append([x0, y0, x1, y1])
-    return xy, (labels == L.POSITIVE).astype(int), np.array(found, float).reshape(-1, 4)
+    boxes = np.array(found, float).reshape(-1, 4)
+    return xy, (labels == L.POSITIVE).astype(int), boxes, tags
 
 
 class PlaneMixin:
@@ -48,6 +53,8 @@ class PlaneMixin:
         dims = self.viewer.dims
         if not self.session.is_3d or self.image_layer is None:
             return Plane()
+        if dims.ndisplay != 2:  # a 3D view: keep annotating the plane last shown
+            return self.session.plane
         first = dims.ndim - self.image_layer.ndim  # the image's axes are the viewer's last
         displayed = [a - first for a in dims.displayed]
         return Plane.shown(displayed, ndim=3 + (self.image_layer.ndim - 3))
@@ -99,12 +106,12 @@ class PlaneMixin:
             return []
         z = self.current_slice() if z is None else z
         s = self.session
-        xy, labels, boxes = plane_prompts(
+        xy, labels, boxes, tags = plane_prompts(
             self.layers[L.POINTS], self.layers[L.BOXES], s.plane, z, s.is_3d
         )
         size = (s.n_slices, *s.pixels.shape)
         out, notes = [], []
-        for group in group_prompts(xy, labels, boxes):
+        for group in group_prompts(xy, labels, boxes, tags):
             pts = group.get("point_coords", np.zeros((0, 2)))
             lab = group.get("point_labels", np.zeros(0, int))
             pts, lab, box, note = _fit_prompts(pts, lab, group.get("box"), size)

@@ -82,3 +82,33 @@ def test_history_undo_redo_and_new_steps_clear_redo():
     assert h.undo() == "d" and h.undo() == "c" and h.redo() == "c"
     h.push("e")
     assert h.redo() is None and h.done == ["b", "c", "e"]
+
+
+def test_session_propagates_in_the_sagittal_plane_like_the_library():
+    """The plugin's session on the sagittal plane of the MNI152 volume with 2 mm slices: each
+    propagated slice equals structsam.propagate on the same square-pixel slices."""
+    import structsam
+    from napari_structsam._prompts import Prompts, box_of, interior_point
+    from napari_structsam._sample_data import mni152_volume_sample
+    from napari_structsam._session import Session
+
+    data = mni152_volume_sample()[0][0]
+    s = Session()
+    s.set_image(data, spacing=(2.0, 1.0, 1.0))
+    s.set_plane(Plane.shown((0, 1)))
+    x = 88
+    s.ensure_encoded(x)
+    mask, _ = s.segment(x, Prompts(box=np.array([70.0, 72.0, 135.0, 100.0])))
+    seed = mask > 0
+    results = s.run_propagation(x, max_slices=2)
+    visited = sorted({r.z for r in results})
+    assert visited == [x - 2, x - 1, x + 1, x + 2]
+    assert s.mask[:, :, x - 1].any() and not s.mask[:, :, x + 3].any()  # volume order kept
+
+    predictor = structsam.Predictor(s.service.model(s.settings))
+    ref = structsam.propagate(
+        predictor, s.plane.view(data), x, box=box_of(seed), point_coords=[interior_point(seed)],
+        point_labels=[1], spacing=(1.0, 2.0, 1.0), max_slices=2,
+    )  # fmt: skip
+    for z in visited:
+        assert np.array_equal(s.plane_mask[z] > 0, ref.mask[z]), z

@@ -124,7 +124,17 @@ def test_two_boxes_two_labels_then_undo_redo_restores_exactly(volume_widget, qtb
     assert len(viewer.layers[L.BOXES].data) == 1
     assert np.array_equal(objects.data, after)  # prompt steps never touch committed labels
     bound = {str(k) for k in viewer.keymap}
-    assert {"Ctrl+Z", "Ctrl+Shift+Z"} <= bound
+    assert {"Ctrl+Z", "Ctrl+Shift+Z", "N"} <= bound
+    # points tagged to objects: [N] starts another object
+    widget.clear_prompts()
+    points = viewer.layers[L.POINTS]
+    points.add(np.array([[85.0, 110.0, 85.0]]))
+    widget.new_object()  # [N]
+    points.add(np.array([[85.0, 110.0, 110.0]]))
+    objects_now = widget._current_objects()
+    assert [o.points.tolist() for o in objects_now] == [[[85.0, 85.0]], [[110.0, 85.0]]]
+    widget.undo()  # the second point goes, its object with it
+    assert len(widget._current_objects()) == 1
 
 
 def test_a_burst_of_slider_moves_is_one_encode(make_napari_viewer, qtbot, monkeypatch):

@@ -21,9 +21,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 X = 88  # the sagittal slice through the left lateral ventricle
 # boxes in the sagittal plane's pixels (x along y, y along z): the lateral ventricle and the
-# cerebellum (committed), then the thalamus (segmented, not committed)
-COMMITTED = ((70, 72, 135, 100), (148, 22, 195, 68))
-CURRENT = (95, 58, 135, 84)
+# cerebellum (committed, one batched decode), then the brainstem (segmented, not committed)
+COMMITTED = ((70, 72, 135, 100), (145, 20, 198, 72))
+CURRENT = (122, 5, 150, 62)
 
 
 def main() -> int:
