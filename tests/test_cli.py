@@ -10,9 +10,9 @@ from test_io import write_dicom_series
 import structsam.models
 from structsam.cli import main
 from structsam.errors import StructSAMError
-from structsam.io import read_volume
 from structsam.eval.metrics import dice
 from structsam.eval.synthetic import phantom_cases
+from structsam.io import read_volume
 
 
 def test_segment_a_nifti_slice(tmp_path, capsys):

@@ -4,6 +4,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+from structsam.errors import ImageError
 from structsam.eval import datasets
 from structsam.eval.datasets import (
     detect_format,
@@ -14,7 +15,6 @@ from structsam.eval.datasets import (
     load_nifti,
     load_npz,
 )
-from structsam.errors import ImageError
 
 H, W = 40, 50
 

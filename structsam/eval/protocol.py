@@ -542,18 +542,7 @@ def run_bench(
     tick = progress or (lambda n: None)
     kinds = config.prompt_kinds if config.quality else config.prompt_kinds[:1]
     prompts = make_prompts(cases, kinds, config.jitter)
-    if config.quality:
-        dense = dense_pass(name, model, cases, prompts, cache_dir=config.cache_dir, tick=tick)
-    else:
-        predictor = Predictor(model)
-        dense = [
-            {
-                "name": p.name,
-                "flops": encode_flops(predictor, cases[p.case].image),
-                "well_posed": True,
-            }
-            for p in prompts
-        ]
+    dense = _dense_rows(name, model, cases, prompts, config, tick)
     good = [j for j, r in enumerate(dense) if r["well_posed"]]
     if not good:
         raise StructSAMError(
@@ -567,6 +556,7 @@ def run_bench(
         set_total(len(prompts) + len(settings) * len(good))
     _calibrate_all(model, settings, calib_images, calib_prompts, log)
     per_setting: dict[str, list | None] = {}
+    fixed = (name, config, cases, prompts, dense, good, settings, per_setting)
     # the most telling cut first, so that a run cut short still compares every method at it
     order = sorted(settings, key=lambda s: (_PRIORITY.get(round(s.target, 2), 9), s.target))
     for s in order:
@@ -574,41 +564,26 @@ def run_bench(
             model, s, cases, prompts, dense, good, spectral, tick, log
         )
         if on_update is not None:
-            on_update(
-                _assemble(
-                    name,
-                    config,
-                    cases,
-                    prompts,
-                    dense,
-                    good,
-                    settings,
-                    per_setting,
-                    {},
-                    calib_cases,
-                    calib_images,
-                )
-            )
+            on_update(_assemble(*fixed, {}, calib_cases, calib_images))
     unpatch(model)
     timing = {}
     if config.repeats > 0:
         j = good[0]
-        timing = time_settings(
-            model, settings, cases[prompts[j].case].image, prompts[j].prompt, config.repeats
-        )
-    return _assemble(
-        name,
-        config,
-        cases,
-        prompts,
-        dense,
-        good,
-        settings,
-        per_setting,
-        timing,
-        calib_cases,
-        calib_images,
-    )
+        image, prompt = cases[prompts[j].case].image, prompts[j].prompt
+        timing = time_settings(model, settings, image, prompt, config.repeats)
+    return _assemble(*fixed, timing, calib_cases, calib_images)
+
+
+def _dense_rows(name, model, cases, prompts, config: BenchConfig, tick) -> list[dict]:
+    """The dense pass; with random weights only the FLOPs (masks would mean nothing)."""
+    if config.quality:
+        return dense_pass(name, model, cases, prompts, cache_dir=config.cache_dir, tick=tick)
+    predictor = Predictor(model)
+    flops = [encode_flops(predictor, cases[p.case].image) for p in prompts]
+    return [
+        {"name": p.name, "flops": f, "well_posed": True}
+        for p, f in zip(prompts, flops, strict=True)
+    ]
 
 
 _PRIORITY = {0.3: 0, 0.4: 1, 0.25: 2}
