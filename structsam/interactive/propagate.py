@@ -2,12 +2,12 @@
 
 ``propagate(predictor, volume, z, box=...)`` segments slice ``z`` (an index along ``axis``) from
 the given prompts, then walks outward in both directions. Each next slice is prompted with the
-box of the previous slice's mask, widened by a margin, and the walk in that direction stops at
-the first slice where a :class:`StopRules` rule fires (the mask vanishes, shrinks to a speck,
-jumps away from the previous slice, grows abruptly, the decoder's own IoU estimate or the
-mask's stability drops, or its intensity turns into the surroundings') or at the edge of the
-volume. The stopping slice is left empty; the report says which slice stopped each direction
-and why.
+box of the previous slice's mask (+1 px), and the walk in that direction stops at the first
+slice where a :class:`StopRules` rule fires (the mask vanishes, shrinks to a speck, jumps away
+from the previous slice, more than doubles, or its intensity leaves the seed's; thresholds on
+the decoder's IoU estimate and on the mask's stability exist but are off, since they lowered the
+Dice on the tuning lesions: docs/propagation) or at the edge of the volume. The stopping slice
+is left empty; the report says which slice stopped each direction and why.
 
 Slices across an axis with anisotropic voxels (``spacing``) are resampled to square pixels
 before encoding (:class:`structsam.transforms.SquarePixels`) and their masks mapped back exactly.
