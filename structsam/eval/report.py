@@ -77,7 +77,12 @@ def verdicts(res: dict) -> list[str]:
 def _row(res: dict, s: dict, ours: dict | None) -> str:
     mode = "prompt-aware" if s["mode"] == "prompt" else "content"
     if "flops_cut" not in s:
-        return f"| {s['method']} | {mode} | out of reach: {s.get('note', '')[:90]} |"
+        why = (
+            f"out of reach: {s['note'][:90]}"
+            if s.get("note")
+            else "not run (the run was cut short)"
+        )
+        return f"| {s['method']} | {mode} | {why} |"
     cells = [s["method"], mode, f"{s['rate']:.3f}", f"{100 * s['flops_cut']:.1f}%"]
     if res["quality"]:
         cells += [f"{s['fidelity']:.4f}", f"{s['dice']:.4f}", f"{100 * s['dice_drop']:+.2f}"]
