@@ -133,9 +133,8 @@ class ActionsMixin:
             self._event("nothing new to commit (the mask is empty or already committed)")
         elif note is not None:  # else the save failure is on the status line
             labels = ", ".join(str(v) for v in done.labels)
-            self._event(
-                f"committed object(s) {labels} ({len(done.index)} px), {note}; undo: Ctrl-Z"
-            )
+            what = "objects" if len(done.labels) > 1 else "object"
+            self._event(f"committed {what} {labels} ({len(done.index)} px), {note}; undo: Ctrl-Z")
 
     @_guarded
     def clear_prompts(self) -> None:

@@ -43,6 +43,8 @@ def _widget_destroyed(ref, *_) -> None:
 class DisplayMixin:
     """What the widget shows about the session: status, events, overlays, busy state."""
 
+    _merge_colormap: tuple | None = None  # (layer id, colormap id) last set
+
     def _set_busy(self, busy: bool, text: str = "") -> None:
         self.cancel_button.setEnabled(busy)
         if busy:
@@ -119,9 +121,12 @@ class DisplayMixin:
         px = s.pixels  # the embedding is of the square-pixel slice: map back to the plane's
         merge, prot = self.layers[L.MERGE_MAP], self.layers[L.PROTECTED]
         if self.merge_style.currentText() == "compression":
-            merge.colormap = L.compression_colormap(legend)
+            colormap = L.compression_colormap(legend)
         else:
-            merge.colormap = L.groups_colormap()
+            colormap = L.groups_colormap()
+        if self._merge_colormap != (id(merge), id(colormap)):  # each costs a texture rebuild
+            merge.colormap = colormap
+            self._merge_colormap = (id(merge), id(colormap))
         for layer, value in ((merge, values), (prot, outline)):
             target = s.plane.view(layer.data)[z] if s.is_3d else layer.data
             target[...] = px.to_original(value)

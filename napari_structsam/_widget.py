@@ -3,7 +3,8 @@
 Model work lives in ``structsam.interactive`` (the encoder service) and :mod:`._session`
 (annotation state, no Qt) and runs through :mod:`._worker` (thread workers). The widget's other
 parts are mixins: :mod:`._panel` (controls), :mod:`._display` (status and overlays),
-:mod:`._actions` (segment, commit, undo...) and :mod:`._autosave`. Everything here runs on the
+:mod:`._actions` (segment, commit...), :mod:`._plane` (the displayed plane, objects' prompts),
+:mod:`._objects` (undo/redo) and :mod:`._autosave`. Everything here runs on the
 GUI thread.
 """
 
@@ -362,6 +363,7 @@ class StructSAMWidget(
         self._pending_segment = False
         self._propagating = False
         self._set_busy(False)
+        self._update_status()  # no "counting…" left from the failed job
         if isinstance(exc, StructSAMError | SessionError | ValueError):
             self._event(str(exc), error=True)
         else:

@@ -163,3 +163,30 @@ def test_a_burst_of_slider_moves_is_one_encode(make_napari_viewer, qtbot, monkey
     assert calls == [pytest.approx(0.48)]
     assert widget.last_encoding.settings.rate == pytest.approx(0.48)
     widget.close_session()
+
+
+def test_a_model_change_clears_overlays_and_status_and_the_error_reads_whole(
+    make_napari_viewer, qtbot, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("STRUCTSAM_CACHE", str(tmp_path))  # no vit_b checkpoint there
+    viewer = make_napari_viewer()
+    data, meta, _ = mni152_slice_sample()[0]
+    viewer.add_image(data, **meta)
+    widget = StructSAMWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    wait_idle(qtbot, widget)
+    assert viewer.layers[L.MERGE_MAP].data.any() and widget.legend.text()
+    widget.model_combo.setCurrentText("vit_b")
+    assert not viewer.layers[L.MERGE_MAP].data.any()  # the old model's overlays are gone
+    assert not viewer.layers[L.PROTECTED].data.any() and not widget.legend.text()
+    qtbot.waitUntil(lambda: "no checkpoint" in widget.event_label.text(), timeout=60_000)
+    wait_idle(qtbot, widget)
+    assert "counting" not in widget.status.text()
+    text = widget.event_label.text()
+    assert "download_checkpoint" in text  # the fix is part of the message...
+    assert widget.event_more.isVisibleTo(widget)  # ...longer than two lines: "more" shows it
+    short = widget.event_label.height()
+    widget.event_more.setChecked(True)
+    assert widget.event_label.height() > short
+    assert "download_checkpoint" in widget.event_label.toolTip()
+    widget.close_session()
