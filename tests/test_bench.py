@@ -138,7 +138,8 @@ def test_algm_and_pitome_reach_every_target_on_litemedsam(litemedsam, method):
 
 def _fake(fid_ours, fid_tome, names=("x", "y")):
     def s(method, fid):
-        return {"method": method, "mode": "plain", "target": 0.3, "fidelity": fid, "dice": fid}
+        cut = 0.21 if method == "algm" else 0.3
+        return {"method": method, "mode": "plain", "target": 0.3, "fidelity": fid, "flops_cut": cut}
 
     per = {
         "structsam/plain@0.30": [
@@ -151,15 +152,21 @@ def _fake(fid_ours, fid_tome, names=("x", "y")):
     }
     return {
         "quality": True,
-        "settings": [s("structsam", fid_ours), s("tome", fid_tome), s("random", 0.999)],
+        "settings": [
+            s("structsam", fid_ours),
+            s("tome", fid_tome),
+            s("random", 0.999),
+            s("algm", 0.999),  # it cut 21 %, not 30 %: no rival at -30 %
+        ],
         "per_setting_prompts": per,
     }
 
 
 def test_verdicts_name_the_best_rival_and_the_cases_behind_a_loss():
     res = _fake(0.95, 0.93)
-    (line,) = verdicts(res)  # random is no rival
+    (line,) = verdicts(res)  # random is no rival, nor a method that missed the target
     assert "→ first" in line and "tome" in line
+    assert "not at matched compute, left out: algm (cut 21.0 %)" in line
     res = _fake(0.90, 0.93)
     (line,) = verdicts(res)
     assert "NOT first" in line and "largest deficits: y" in line

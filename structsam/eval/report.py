@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 OURS = "structsam"
+MATCH = 0.02  # a setting whose measured cut is further than this from its target is unmatched
 
 
 def _key(s: dict) -> str:
@@ -45,7 +46,8 @@ def _ours(at: list[dict]) -> dict | None:
 
 def verdicts(res: dict) -> list[str]:
     """Per mode and target: is StructSAM's mean fidelity IoU the highest of all methods
-    (random excluded)? Where not, by how much, and which prompts cause it."""
+    (random excluded, and any setting whose measured cut misses the target by more than
+    ``MATCH``)? Where not, by how much, and which prompts cause it."""
     if not res.get("quality"):
         return []
     lines = []
@@ -54,7 +56,10 @@ def verdicts(res: dict) -> list[str]:
         for target in sorted({s["target"] for s in ok}):
             at = [s for s in ok if s["target"] == target and s["mode"] == mode]
             o = _ours(at)
-            rivals = [s for s in at if _base(s["method"]) not in (OURS, "random")]
+            # only settings whose cut measured on the scored prompts matches the target count:
+            # an adaptive method calibrated on tuning images may cut far less on other content
+            off = [s for s in at if abs(s["flops_cut"] - target) > MATCH]
+            rivals = [s for s in at if _base(s["method"]) not in (OURS, "random") and s not in off]
             if o is None or not rivals:
                 continue
             best = max(rivals, key=lambda s: s["fidelity"])
@@ -70,6 +75,10 @@ def verdicts(res: dict) -> list[str]:
             if not first:
                 cases = worst_cases(res, o, best)
                 line += "; largest deficits: " + ", ".join(f"{n} {g:+.1f} pt" for n, g in cases)
+            if off:
+                line += "; not at matched compute, left out: " + ", ".join(
+                    f"{s['method']} (cut {100 * s['flops_cut']:.1f} %)" for s in off
+                )
             lines.append(line)
     return lines
 
