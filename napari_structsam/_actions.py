@@ -110,6 +110,7 @@ class ActionsMixin:
             return
         known = {i: s.encoding(i) for i in s.encoded_slices()}
         self._propagating = True
+        self._stops = []  # why each direction ended, shown when the propagation is done
         self._pending_segment = False
         self._inflight = None
         self.runner.start("propagate", propagate_job, s, z, seed, s.settings, known)

@@ -340,7 +340,8 @@ class StructSAMWidget(
             self.progress.setValue(value.done)
             self.progress.setFormat(f"propagating: slice {value.z} (%v/%m)")
             if value.stopped:
-                self._event(f"slice {value.z}: {value.stopped}")
+                self._stops.append(f"slice {value.z}: {value.stopped}")
+                self._event(self._stops[-1])
 
     @_guarded
     def _on_done(self, job) -> None:
@@ -352,7 +353,8 @@ class StructSAMWidget(
         if job.kind == "propagate":
             self._propagating = False
             n = int((self.session.plane_mask > 0).any(axis=(1, 2)).sum())
-            self._event(f"object propagated: on {n} slices; commit it with [C]")
+            why = f" · stopped at {'; '.join(self._stops)}" if self._stops else ""
+            self._event(f"object propagated: on {n} slices; commit it with [C]{why}")
             self._request_encode()
 
     @_guarded

@@ -81,6 +81,14 @@ def test_sagittal_and_coronal_masks_agree_with_the_library(volume_widget, qtbot)
     assert ref.sum() > 50 and iou(got, ref) >= 0.99, (got.sum(), ref.sum(), iou(got, ref))
     assert viewer.layers[L.MERGE_MAP].data[:, :, 88].max() > 1  # the overlay is on this plane
     assert "tokens per group" in widget.legend.text()
+    # [Shift-S] in this plane: slices across x, the stop reasons shown at the end
+    widget.segment_volume()
+    assert widget.runner.current.kind == "propagate"
+    wait_idle(qtbot, widget)
+    across = np.flatnonzero(viewer.layers[L.MASK].data.any(axis=(0, 1)))
+    assert len(across) >= 6 and 88 in across and np.ptp(across) == len(across) - 1
+    text = widget.event_label.text()
+    assert "propagated" in text and "stopped at slice" in text, text
 
     widget.clear_prompts()
     # coronal: rows z, columns x, at y = 110
