@@ -115,13 +115,20 @@ def test_two_boxes_two_labels_then_undo_redo_restores_exactly(volume_widget, qtb
     wait_idle(qtbot, widget)
     objects = viewer.layers[L.OBJECTS]
     before = objects.data.copy()
+    store = widget._annotation_store()
+
+    def autosaved():
+        got = store.load(widget._image_key, shape=objects.data.shape)
+        return np.zeros_like(objects.data) if got is None else got.objects
+
     widget.commit()
     assert set(np.unique(objects.data)) == {0, 1, 2}  # two committed labels
     after = objects.data.copy()
+    assert np.array_equal(autosaved(), after)
     widget.undo()  # [Ctrl-Z]
-    assert np.array_equal(objects.data, before)
+    assert np.array_equal(objects.data, before) and np.array_equal(autosaved(), before)
     widget.redo()  # [Ctrl-Shift-Z]
-    assert np.array_equal(objects.data, after)
+    assert np.array_equal(objects.data, after) and np.array_equal(autosaved(), after)
     # a prompt edit is undone and redone too
     add_box(viewer, plane, 110, 60.0, 60.0, 90.0, 90.0)
     qtbot.wait(100)
