@@ -112,7 +112,8 @@ def bench_table(res: dict) -> str:
     head = (
         f"### {res['model']}, {res.get('split', 'test')} split\n\n"
         f"{res['n_prompts']} prompts ({', '.join(res['prompt_kinds'])}) on {res['n_cases']} "
-        f"cases from {len(res.get('sources', []))} source images"
+        f"cases from {len(res.get('sources', []))} sources (an image, or a slab of 16 MNI152 "
+        "slices)"
     )
     if res["quality"]:
         head += (
