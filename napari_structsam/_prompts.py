@@ -55,12 +55,3 @@ def box_of(mask: np.ndarray, pad: int = 2) -> np.ndarray:
          min(ys.max() + pad, h - 1)],
         dtype=float,
     )  # fmt: skip
-
-
-def interior_point(mask: np.ndarray) -> np.ndarray:
-    """(x, y) of the mask pixel farthest from its border."""
-    from scipy import ndimage
-
-    dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    return np.array([x, y], dtype=float)

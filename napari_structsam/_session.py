@@ -34,7 +34,7 @@ from structsam.interactive.service import (  # no torch at import
 )
 from structsam.interactive.settings import EncoderSettings, Reencode, reencode_reason
 
-from ._prompts import Prompts, box_of, interior_point
+from ._prompts import Prompts, box_of
 from ._runtime import available_devices, preload  # noqa: F401 (the widget's imports)
 
 
@@ -367,12 +367,14 @@ class Session:
         max_slices: int | None = None,
     ) -> Iterator[SliceResult]:
         """Carry each object on slice ``z0`` of the plane through the volume in both
-        directions with ``structsam.interactive.propagate`` (the object's box and innermost
-        point prompt it; each next slice is prompted with the previous slice's mask; a
-        direction stops where its stop rules fire), one object after the other. Yields one
-        ``SliceResult`` per visited slice and changes nothing: the caller applies them
-        (``apply_slice``). Worker-safe given ``seed`` (a label map or a mask) and ``known``
-        (slice -> ``Embedding`` under ``settings``)."""
+        directions with ``structsam.interactive.propagate``, one object after the other.
+
+        The box of the object's mask prompts the walk, as the library's stop rules were tuned
+        (box plus an interior point seeded another mask than the next slices' boxes, and the
+        walk stopped at once); each next slice is prompted from the previous slice's mask.
+        Yields one ``SliceResult`` per visited slice and changes nothing: the caller applies
+        them (``apply_slice``). Worker-safe given ``seed`` (a label map or a mask) and
+        ``known`` (slice -> ``Embedding`` under ``settings``)."""
         z0 = self._check_z(z0)
         settings = settings or self.settings
         seed = self.plane_mask[z0] if seed is None else np.asarray(seed)
@@ -386,7 +388,7 @@ class Session:
         for label in labels:
             mask = seed == label
             steps = self.service.propagate(
-                volume, z0, settings, box_of(mask), interior_point(mask), self.window,
+                volume, z0, settings, box_of(mask), None, self.window,
                 known, cancelled, self.disk_cache(), max_slices, spacing,
             )  # fmt: skip
             for step in steps:

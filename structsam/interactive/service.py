@@ -322,7 +322,7 @@ class EncoderService:
         max_slices: int | None = None, spacing=None,
     ):  # fmt: skip
         """Stream :func:`structsam.interactive.propagate` of the object prompted on slice
-        ``z`` (``box``, one positive ``point``, image pixels) through ``volume`` (Z, Y, X):
+        ``z`` (``box``, one positive ``point`` or None, image pixels) through ``volume`` (Z, Y, X):
         yields a :class:`PropagationStep` per kept slice as soon as it exists, then one per
         direction that stopped before the edge. ``known``: slice -> Embedding already made
         under ``settings`` (not encoded again). ``spacing``: voxel size per axis (slices are
@@ -351,7 +351,9 @@ class EncoderService:
             try:
                 with self.forward_lock, cancel_hooks(model, _either(stop, cancelled)):
                     result = propagate(
-                        predictor, volume, z, box=box, point_coords=[point], point_labels=[1],
+                        predictor, volume, z, box=box,
+                        point_coords=None if point is None else [point],
+                        point_labels=None if point is None else [1],
                         window=window, prompt_aware=settings.uses_prompts, callback=on_slice,
                         max_slices=max_slices, spacing=spacing,
                     )  # fmt: skip
