@@ -167,27 +167,7 @@ def bench_plots(results: list[dict], path) -> None:
             if key in ("fidelity", "dice") and not res["quality"]:
                 ax.set_visible(False)
                 continue
-            for method in methods:
-                for mode, style in (("plain", "-"), ("prompt", "--")):
-                    pts = sorted(
-                        (
-                            s
-                            for s in res["settings"]
-                            if s["method"] == method and s["mode"] == mode and key in s
-                        ),
-                        key=lambda s: s["flops_cut"],
-                    )
-                    if pts:
-                        label = method + (" (prompt-aware)" if mode == "prompt" else "")
-                        xs = [100 * s["flops_cut"] for s in pts]
-                        ax.plot(
-                            xs,
-                            [s[key] for s in pts],
-                            ls=style,
-                            marker="o",
-                            color=colours[method],
-                            label=label,
-                        )
+            _plot_curves(ax, res["settings"], key, colours)
             if key.startswith("spectral"):
                 ax.set_yscale("log")
             ax.set(xlabel="encoder FLOPs cut (%)", title=f"{res['model']}: {title}")
@@ -196,6 +176,20 @@ def bench_plots(results: list[dict], path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _plot_curves(ax, settings: list[dict], key: str, colours: dict) -> None:
+    """One line per method and mode (prompt-aware dashed): ``key`` against the FLOPs cut."""
+    for method, colour in colours.items():
+        for mode, style in (("plain", "-"), ("prompt", "--")):
+            pts = sorted(
+                (s for s in settings if s["method"] == method and s["mode"] == mode and key in s),
+                key=lambda s: s["flops_cut"],
+            )
+            if pts:
+                label = method + (" (prompt-aware)" if mode == "prompt" else "")
+                xs = [100 * s["flops_cut"] for s in pts]
+                ax.plot(xs, [s[key] for s in pts], ls=style, marker="o", color=colour, label=label)
 
 
 def spectral_plot(results: list[dict], path) -> None:
@@ -211,27 +205,7 @@ def spectral_plot(results: list[dict], path) -> None:
     methods = sorted({s["method"] for s in res["settings"]})
     colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
     for ax, key in zip(axes, ("spectral_global", "spectral_window"), strict=True):
-        for method in methods:
-            for mode, style in (("plain", "-"), ("prompt", "--")):
-                pts = sorted(
-                    (
-                        s
-                        for s in res["settings"]
-                        if s["method"] == method and s["mode"] == mode and key in s
-                    ),
-                    key=lambda s: s["flops_cut"],
-                )
-                if pts:
-                    label = method + (" (prompt-aware)" if mode == "prompt" else "")
-                    xs = [100 * s["flops_cut"] for s in pts]
-                    ax.plot(
-                        xs,
-                        [s[key] for s in pts],
-                        ls=style,
-                        marker="o",
-                        color=colours[method],
-                        label=label,
-                    )
+        _plot_curves(ax, res["settings"], key, colours)
         where = "whole grid" if key == "spectral_global" else "per attention window"
         ax.set(
             xlabel="encoder FLOPs cut (%)",
