@@ -1,6 +1,8 @@
 """structsam.propagate: a 3D object from one box, along every axis, anisotropic voxels, input
 checks before any encode, and correction from another slice (real LiteMedSAM)."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -178,14 +180,14 @@ def test_correction_from_another_slice(predictor):
 
 @pytest.mark.slow
 def test_stop_rules_truncate_a_walk_without_stops(predictor):
-    """Tuning scores rule sets by cutting one walk without stops: exact, since the prompts of
-    the walk do not depend on the stops."""
+    """Tuning scores rule sets by cutting one walk without stops: exact, since without retries
+    the prompts of the walk do not depend on the stops."""
     from structsam.eval.propagation import _counts, truncated_dice
 
     truth = _ball((36, 52, 44), CENTRE, 7)
     vol = _volume(truth, seed=2)
     box = _box(truth[CENTRE[0]])
-    rules = StopRules()
+    rules = replace(StopRules(), retry_margins=())
     loose = propagate(
         predictor, vol, CENTRE[0], box=box, rules=rules.without_stops(), max_slices=12
     )
@@ -218,3 +220,42 @@ def test_lesion_cases_are_deterministic_and_well_placed():
         assert (contrast > 0) == (case.polarity == "bright")
     with pytest.raises(ValueError, match="split"):
         lesion_cases("train")
+
+
+class _ShrinkingPredictor:
+    """A stand-in decoder: the object is rows/cols 10-29 of every slice, but a box narrower
+    than 24 px gets only its 4 x 4 centre (the first answer shrinks); wider boxes get it all."""
+
+    def __init__(self):
+        self.boxes = []
+
+    def set_image(self, *args, **kwargs):
+        raise AssertionError("propagate should use encode")
+
+    def encode(self, image, window=None, prompts=None):
+        return object()
+
+    def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=False,
+                embedding=None):  # fmt: skip
+        boxes = np.atleast_2d(box)
+        self.boxes.append(boxes)
+        masks = np.zeros((len(boxes), 1, 40, 40), bool)
+        for k, (x0, _, x1, _) in enumerate(boxes):
+            if x1 - x0 >= 24:
+                masks[k, 0, 10:30, 10:30] = True
+            else:
+                masks[k, 0, 18:22, 18:22] = True
+        scores, logits = np.ones((len(boxes), 1)), np.where(masks, 5.0, -5.0)
+        return (masks, scores, logits) if np.ndim(box) == 2 else (masks[0], scores[0], logits[0])
+
+
+def test_a_shrunk_slice_is_retried_from_wider_boxes():
+    vol = np.zeros((5, 40, 40), np.float32)
+    box = np.array([7, 7, 33, 33], float)  # wide enough for the whole object on the seed
+    fake = _ShrinkingPredictor()
+    plain = propagate(fake, vol, 2, box=box, rules=replace(StopRules(), retry_margins=()))
+    assert plain.mask[2].sum() == 400 and plain.mask[3].sum() == 16  # tight box: 22 px
+    fake = _ShrinkingPredictor()
+    result = propagate(fake, vol, 2, box=box, rules=StopRules(max_intensity_shift=None))
+    assert all(result.mask[i].sum() == 400 for i in range(5))
+    assert any(len(b) == len(StopRules().retry_margins) for b in fake.boxes)  # one batched call

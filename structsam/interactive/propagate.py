@@ -70,13 +70,22 @@ class StopRules:
     margin: float = 0.0  # box margin: this fraction of the box side ...
     margin_px: float = 1.0  # ... plus this many (square) pixels on each side
     track_point: bool = False  # also prompt with the previous mask's innermost pixel
+    # Retry: when a rule fires or the mask shrinks below ``retry_shrink`` x the previous area,
+    # the slice is decoded again from boxes widened by each of ``retry_margins`` (fractions of
+    # the box side, + 1 px more than ``margin_px``), in one batched decoder call on the same
+    # embedding, and the passing mask that overlaps the previous one most is kept. On 24
+    # tuning lesions: mean 3D Dice 0.765 -> 0.775 (docs/propagation/README.md).
+    retry_margins: tuple[float, ...] = (0.1, 0.25)
+    retry_shrink: float = 0.5
 
     def without_stops(self) -> StopRules:
-        """The same prompting with every stop off but the mask vanishing (for tuning: the
-        walk does not depend on the stops, so any rule set is a truncation of this walk)."""
+        """The same prompting with every stop and retry off but the mask vanishing (for tuning:
+        without retries the walk does not depend on the stops, so any rule set without retries
+        is a truncation of this walk)."""
         return replace(
             self, min_score=-math.inf, min_stability=-math.inf, max_growth=math.inf,
             min_inside=0.0, min_seed_fraction=0.0, min_pixels=1, max_intensity_shift=None,
+            retry_margins=(), retry_shrink=0.0,
         )  # fmt: skip
 
     def check(self, rec: SliceRecord, seed_area: int) -> tuple[str, str] | None:
@@ -276,29 +285,43 @@ class _Slices:
     def image(self, i: int) -> np.ndarray:
         return self.square.to_square(np.take(self.volume, i, axis=self.axis))
 
-    def segment(self, image, box=None, points=None, labels=None):
-        """Mask, decoder score and stability on a square-pixel slice; prompts in its pixels."""
+    def embed(self, image, box=None, points=None, labels=None):
+        """The slice's embedding (None for a predictor without Embedding values, which then
+        holds the image itself); prompts are used only in prompt-aware mode."""
         prompts = {"box": box} if box is not None else {}
         if points is not None:
             prompts.update(point_coords=points, point_labels=labels)
+        used = prompts if self.prompt_aware else None
+        self.encodes += 1
+        if hasattr(self.predictor, "encode"):
+            return self.predictor.encode(image, self.window, used)
+        self.predictor.set_image(image, window=self.window, prompts=used)
+        return None
+
+    def decode(self, embedding, box=None, points=None, labels=None):
+        """[(mask, decoder score, stability)], one per box of ``box`` ((4,) or (K, 4)), on a
+        square-pixel slice; prompts in its pixels."""
         with warnings.catch_warnings():
             # empty masks are a stop rule here, not something to warn about
             warnings.filterwarnings("ignore", message=".*empty.*")
-            used = prompts if self.prompt_aware else None
             multi = box is None  # points alone are ambiguous: take the best of three
             kwargs = dict(point_coords=points, point_labels=labels, box=box, multimask_output=multi)
-            if hasattr(self.predictor, "encode"):
-                embedding = self.predictor.encode(image, self.window, used)
-                masks, scores, low_res = self.predictor.predict(**kwargs, embedding=embedding)
-            else:  # a predictor without Embedding values
-                self.predictor.set_image(image, window=self.window, prompts=used)
-                masks, scores, low_res = self.predictor.predict(**kwargs)
-            self.encodes += 1
-        best = int(np.argmax(scores))
-        logits = np.asarray(low_res[best])
-        high, low = int((logits > 1.0).sum()), int((logits > -1.0).sum())
-        stability = high / low if low else 0.0
-        return np.asarray(masks[best], bool), float(scores[best]), stability
+            if embedding is not None:
+                kwargs["embedding"] = embedding
+            masks, scores, low_res = self.predictor.predict(**kwargs)
+        if box is None or np.ndim(box) == 1:
+            masks, scores, low_res = masks[None], scores[None], low_res[None]
+        out = []
+        for m, s, logits in zip(masks, scores, low_res, strict=True):
+            best = int(np.argmax(s))
+            high, low = int((logits[best] > 1.0).sum()), int((logits[best] > -1.0).sum())
+            out.append((np.asarray(m[best], bool), float(s[best]), high / low if low else 0.0))
+        return out
+
+    def segment(self, image, box=None, points=None, labels=None):
+        """Mask, decoder score and stability on a square-pixel slice; prompts in its pixels."""
+        embedding = self.embed(image, box, points, labels)
+        return self.decode(embedding, box, points, labels)[0]
 
 
 # ---------------------------------------------------------------------------- the walk
@@ -321,9 +344,10 @@ def _seed_stats(image: np.ndarray, mask: np.ndarray) -> _Seed:
     return _Seed(int(mask.sum()), mean, contrast)
 
 
-def _measure(i, mask, back, prev, seed: _Seed, image, score, stability) -> SliceRecord:
+def _measure(i, mask, prev, seed: _Seed, image, score, stability) -> SliceRecord:
+    """The record of a square-grid mask (``area`` on the original grid is set by the caller)."""
     area = int(mask.sum())
-    rec = SliceRecord(i, int(back.sum()), score, stability, area)
+    rec = SliceRecord(i, 0, score, stability, area)
     if area:
         near = ndimage.binary_dilation(prev, iterations=2)
         rec.inside = float((mask & near).sum()) / area
@@ -332,6 +356,32 @@ def _measure(i, mask, back, prev, seed: _Seed, image, score, stability) -> Slice
             # either way: towards the surroundings, or past the seed into something else
             rec.shift = abs(float(image[mask].mean()) - seed.mean) / abs(seed.contrast)
     return rec
+
+
+def _step(slices: _Slices, i: int, prev, seed: _Seed, rules: StopRules):
+    """Slice ``i`` segmented from the previous mask ``prev`` -> (square-grid mask, record).
+    With ``rules.retry_margins``, a first answer that fails a rule or shrinks is decoded again
+    from wider boxes on the same embedding, and the passing answer overlapping ``prev`` most is
+    kept (the first answer when none passes: the walk stops there)."""
+    box = _box_of(prev, rules.margin, rules.margin_px)
+    points = labels = None
+    if rules.track_point:
+        points, labels = _innermost(prev)[None], np.array([1])
+    image = slices.image(i)
+    embedding = slices.embed(image, box, points, labels)
+    mask, score, stability = slices.decode(embedding, box, points, labels)[0]
+    rec = _measure(i, mask, prev, seed, image, score, stability)
+    shrunk = rec.square_area < rules.retry_shrink * int(prev.sum())
+    if not rules.retry_margins or (rules.check(rec, seed.area) is None and not shrunk):
+        return mask, rec
+    boxes = np.stack([_box_of(prev, m, rules.margin_px + 1.0) for m in rules.retry_margins])
+    tries = [(mask, rec)]
+    for m, s, st in slices.decode(embedding, boxes):  # points go with one box only
+        tries.append((m, _measure(i, m, prev, seed, image, s, st)))
+    passing = [t for t in tries if rules.check(t[1], seed.area) is None]
+    if not passing:
+        return mask, rec
+    return max(passing, key=lambda t: _iou(t[0], prev))
 
 
 def _walk(
@@ -350,14 +400,9 @@ def _walk(
         if max_slices is not None and abs(i - z) > max_slices:
             reason = "limit"
             break
-        box = _box_of(prev, rules.margin, rules.margin_px)
-        points = labels = None
-        if rules.track_point:
-            points, labels = _innermost(prev)[None], np.array([1])
-        image = slices.image(i)
-        mask, score, stability = slices.segment(image, box, points, labels)
+        mask, rec = _step(slices, i, prev, seed, rules)
         back = slices.square.to_original(mask)
-        rec = _measure(i, mask, back, prev, seed, image, score, stability)
+        rec.area = int(back.sum())
         records.append(rec)
         stop = rules.check(rec, seed.area)
         if stop is None and callback is not None and callback(rec, back):
