@@ -124,7 +124,10 @@ class ActionsMixin:
         if self._propagating:
             self._event("wait for the propagation to finish (or cancel it) before committing")
             return
+        prompts = self._snapshot()
         done = self.session.commit()
+        if done is not None:
+            done.context = prompts  # undo brings them back
         note = self._save_after("commit") if done is not None else None
         self.layers[L.OBJECTS].refresh()
         self._clear_prompt_layers()

@@ -133,6 +133,8 @@ class ObjectsMixin:
         elif isinstance(step, Commit):
             note = self._save_after(what)
             self.layers[L.OBJECTS].refresh()
+            self.layers[L.MASK].refresh()
+            self._commit_prompts(step, what)
             gone = "removed" if what == "undo" else "restored"
             labels = ", ".join(str(v) for v in step.labels)
             if note is not None:
@@ -140,6 +142,21 @@ class ObjectsMixin:
         elif isinstance(step, PromptEdit):
             self._restore_prompts(step.before if what == "undo" else step.after)
             self._event(f"{what}: prompt edit")
+
+
+    def _commit_prompts(self, step: Commit, what: str) -> None:
+        """Undo of a commit brings back the prompts that made it (only where the prompt layers
+        are empty: nothing drawn since is replaced); redo takes them away again, as the commit
+        did."""
+        snap = step.context
+        if not isinstance(snap, PromptSnapshot):
+            return
+        now = self._snapshot()
+        if what == "undo" and now == _empty(now):
+            self._restore_prompts(snap)
+        elif what == "redo" and now == snap:
+            self._restore_prompts(_empty(snap))
+            self._prompt_timer.stop()  # nothing to segment: the object is committed again
 
 
 def _empty(like: PromptSnapshot) -> PromptSnapshot:

@@ -341,18 +341,19 @@ class Session:
         return done
 
     def undo(self):
-        """Take back the last step: a commit's pixels that still hold its labels are cleared.
+        """Take back the last step: a commit's pixels that still hold its labels are cleared
+        and the current object comes back.
         Returns the step (other kinds, e.g. the widget's prompt edits, are the caller's)."""
         step = self.history.undo()
         if isinstance(step, Commit):
-            _obj.undo_commit(self.objects, step)
+            _obj.undo_commit(self.objects, step, self.mask)
         return step
 
     def redo(self):
         """Do the last undone step again (a commit only where ``objects`` is still 0)."""
         step = self.history.redo()
         if isinstance(step, Commit):
-            _obj.redo_commit(self.objects, step)
+            _obj.redo_commit(self.objects, step, self.mask)
         return step
 
     # ------------------------------------------------------------------ 3D propagation

@@ -117,16 +117,31 @@ def test_tome_alternating_split_inside_windows():
             assert int(dst[bi, t]) == int(best)
 
 
-def test_tome_merges_the_most_similar_edges_and_caps_at_half():
+def test_tome_merges_the_most_similar_edges_then_a_second_round():
     grid = Grid(4, 4)
     feat = _feat(grid, b=1)
     feat[0, 0, 0] = feat[0, 0, 1]  # A token 0 duplicates B token 1: the best edge
     dst, _ = _run("tome", feat, grid, 1 / 16)
     assert int(dst[0, 0]) == 1 and int(_removed(dst)[0]) == 1
-    # at most half of the tokens go, whatever the rate
-    dst, _ = _run("tome", feat, grid, 0.9)
+    # one round takes at most half of the tokens; beyond, a second round on the kept half
+    dst, _ = _run("tome", feat, grid, 0.5)
     assert int(_removed(dst)[0]) == 8
-    assert MAX_RATE["tome"] == 0.5
+    dst, _ = _run("tome", feat, grid, 0.75)
+    assert int(_removed(dst)[0]) == 12 and MAX_RATE["tome"] == 0.75
+    roots = dst[0]
+    assert bool((roots.gather(0, roots) == roots).all())  # one level: destinations stay put
+
+
+def test_tome_spends_no_edge_on_protected_tokens():
+    from structsam.merge.tome import tome_merge
+
+    grid = Grid(4, 4)
+    feat = _feat(grid, b=1)
+    protect = torch.zeros(1, 16, dtype=torch.bool)
+    protect[0, :8] = True  # the top half
+    dst, _ = tome_merge(feat, grid, 0.25, protect)
+    moved = dst[0] != torch.arange(16)
+    assert int(moved.sum()) == 4 and not moved[:8].any() and not protect[0, dst[0][moved]].any()
 
 
 # --- ToMeSD -------------------------------------------------------------------------------
@@ -326,8 +341,8 @@ def test_patched_small_vit_with_options_and_errors(small_vit, registered):
             assert torch.isfinite(small_vit(x)).all()
     finally:
         unpatch(small_vit)
-    with pytest.raises(MergeError, match="at most 50%"):
-        patch(small_vit, "tome", 0.6)
+    with pytest.raises(MergeError, match="at most 75%"):
+        patch(small_vit, "tome", 0.8)
     # every baseline takes prompts: the engine protects them
     patch(small_vit, "tomesd", 0.3, prompts={"box": [10.0, 10.0, 100.0, 100.0]})
     try:

@@ -112,7 +112,7 @@ BAD_CASES = {
     "rate -1": ({"--rate": ["-1"]}, ["--rate", "[0, 0.75]", "got -1"]),
     "rate 1": ({"--rate": ["1"]}, ["--rate", "[0, 0.75]"]),
     "rate inf": ({"--rate": ["inf"]}, ["--rate", "got inf"]),
-    "tome rate 0.6": ({"--method": ["tome"], "--rate": ["0.6"]}, ["--rate", "[0, 0.5]"]),
+    "tome rate 0.8": ({"--method": ["tome"], "--rate": ["0.8"]}, ["--rate", "[0, 0.75]"]),
     "method foo": ({"--method": ["foo"]}, ["--method foo", "none, structsam, tome"]),
     "model foo": ({"--model": ["foo"]}, ["--model foo", "litemedsam"]),
     "precision half": ({"--precision": ["half"]}, ["--precision half", "'bf16'"]),

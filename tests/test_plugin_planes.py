@@ -121,14 +121,22 @@ def test_two_boxes_two_labels_then_undo_redo_restores_exactly(volume_widget, qtb
         got = store.load(widget._image_key, shape=objects.data.shape)
         return np.zeros_like(objects.data) if got is None else got.objects
 
+    current = viewer.layers[L.MASK].data.copy()
     widget.commit()
     assert set(np.unique(objects.data)) == {0, 1, 2}  # two committed labels
+    assert not viewer.layers[L.BOXES].data and not viewer.layers[L.MASK].data.any()
     after = objects.data.copy()
     assert np.array_equal(autosaved(), after)
-    widget.undo()  # [Ctrl-Z]
+    widget.undo()  # [Ctrl-Z]: the labels go, the current objects and their boxes come back
     assert np.array_equal(objects.data, before) and np.array_equal(autosaved(), before)
-    widget.redo()  # [Ctrl-Shift-Z]
+    assert np.array_equal(viewer.layers[L.MASK].data, current)
+    assert len(viewer.layers[L.BOXES].data) == 2
+    qtbot.wait(500)  # the prompt timer decodes the restored boxes
+    wait_idle(qtbot, widget)
+    assert np.array_equal(viewer.layers[L.MASK].data, current)  # re-decoded: the same
+    widget.redo()  # [Ctrl-Shift-Z]: committed again, prompts gone as after the commit
     assert np.array_equal(objects.data, after) and np.array_equal(autosaved(), after)
+    assert not viewer.layers[L.BOXES].data and not viewer.layers[L.MASK].data.any()
     # a prompt edit is undone and redone too
     add_box(viewer, plane, 110, 60.0, 60.0, 90.0, 90.0)
     qtbot.wait(100)

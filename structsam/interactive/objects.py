@@ -104,6 +104,7 @@ class Commit:
     index: np.ndarray
     values: np.ndarray
     mask_values: np.ndarray  # the current-object values there before the commit
+    context: object = None  # the caller's, kept with the step (the widget: the prompts)
 
     @property
     def labels(self) -> list[int]:

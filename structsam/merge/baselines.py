@@ -18,10 +18,10 @@ BASELINES = (
     (
         "tome",
         tome_merge,
-        0.5,
+        0.75,
         False,
         "fraction of tokens merged by ToMe bipartite matching (even/odd split per window, "
-        "top edges by similarity image-wide; at most half)",
+        "top edges by similarity image-wide; above 1/2 a second round on the kept tokens)",
     ),
     (
         "pitome",

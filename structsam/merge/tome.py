@@ -18,9 +18,15 @@ Adaptation to SAM (single images, merge -> compute -> unmerge):
   whole grid, so there the split is the image's raster order (column stripes for an even width)
   and the matching is image-wide, as in ToMe.
 - Count: ``r = round(rate * N)`` edges are taken image-wide by similarity (a window of
-  near-duplicates gives up more than a busy one), at most ``N // 2``: ``max_rate`` is 0.5, ToMe's
-  own cap. Windows with an odd number of tokens give A one token more than B; a window of one
+  near-duplicates gives up more than a busy one), at most ``N // 2`` in one round, ToMe's own
+  cap per block. ToMe merges ``r`` tokens in every block, so over a stage of several blocks the
+  tokens shrink geometrically; the engine assigns once per stage, so a rate above 1/2 runs a
+  second round on the tokens the first round kept (``max_rate`` 0.75), as a second ToMe block
+  would. With one round, prompt-aware ToMe cut at most 38.7 % of LiteMedSAM's FLOPs, short of
+  -40 %. Windows with an odd number of tokens give A one token more than B; a window of one
   token column has no B and merges nothing.
+- Prompt protection: tokens the engine protects take no part in the matching (an edge to one
+  would be undone by the engine and its budget lost).
 - Merging is the engine's size-weighted mean with proportional attention (as ToMe's
   ``merge_wavg``), and every merged token takes its group's update back (unmerge, as in the SAM
   port ``tome_sam``).
@@ -41,6 +47,7 @@ from .energy import normalise
 from .grid import Grid
 
 INF = float("inf")
+MAX_RATE = 0.75  # two rounds: half the tokens, then half of the rest
 
 
 def unit_metric(feat: torch.Tensor) -> torch.Tensor:
@@ -180,14 +187,24 @@ def tome_merge(
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, W, C) features -> (dst (B, N), protected (B, N) all False). See the module
-    docstring; ``protect`` and ``generator`` are unused (ToMe is neither prompt-aware nor
-    random)."""
+    docstring; ``generator`` is unused (ToMe is not random). ``protect`` (B, N) or (N,): tokens
+    the engine will keep apart; they take no part in the matching, so no edge is spent on them
+    (the engine would undo it)."""
     idx, none = keep_all(feat, grid)
-    r = min(round(rate * grid.n), grid.n // 2)
+    r = min(round(rate * grid.n), round(MAX_RATE * grid.n))
     if r <= 0:
         return idx, none
     metric = unit_metric(feat)
-    cand = torch.ones_like(none)
-    sim, target, _ = bipartite(metric, grid, cand)
-    merged = top_r(sim, r)
-    return torch.where(merged, target, idx), none
+    alive = torch.ones_like(none) if protect is None else ~protect.expand_as(none)
+    first = min(r, grid.n // 2)
+    dst = _round(metric, grid, idx, alive, first)
+    if r > first:  # a second block's worth of ToMe on the tokens the first round kept
+        dst2 = _round(metric, grid, idx, alive & (dst == idx), r - first)
+        dst = dst2.gather(1, dst)  # groups whose destination merged again follow it
+    return dst, none
+
+
+def _round(metric, grid: Grid, idx, alive, r: int):
+    """One ToMe merge of ``r`` edges among the ``alive`` tokens."""
+    sim, target, _ = bipartite(metric, grid, alive)
+    return torch.where(top_r(sim, r), target, idx)
