@@ -143,7 +143,6 @@ class ObjectsMixin:
             self._restore_prompts(step.before if what == "undo" else step.after)
             self._event(f"{what}: prompt edit")
 
-
     def _commit_prompts(self, step: Commit, what: str) -> None:
         """Undo of a commit brings back the prompts that made it (only where the prompt layers
         are empty: nothing drawn since is replaced); redo takes them away again, as the commit
