@@ -60,7 +60,7 @@ class StopRules:
     min_score: float = -math.inf  # decoder's IoU estimate (off: no gain on the tuning cases)
     min_stability: float = -math.inf  # |logits > 1| / |logits > -1| (off, likewise)
     max_growth: float = 2.0  # area / previous area
-    min_inside: float = 0.8  # fraction of the mask inside the previous mask, dilated by 2 px
+    min_inside: float = 0.8  # fraction inside the previous mask dilated by 2 original px
     min_seed_fraction: float = 0.02  # area / seed area
     min_pixels: int = 3
     # how far the mean intensity may move from the seed's, in units of the seed's contrast
@@ -117,7 +117,7 @@ class SliceRecord:
     score: float  # the decoder's IoU estimate
     stability: float
     square_area: int = 0
-    inside: float = 1.0  # fraction inside the previous mask, dilated by 2 px
+    inside: float = 1.0  # fraction inside the previous mask, dilated by 2 (original) px
     growth: float = 1.0  # area / previous area
     shift: float | None = None  # |mean - seed mean| / |seed contrast against its ring|
 
@@ -281,6 +281,17 @@ class _Slices:
         self.window = window
         self.prompt_aware = prompt_aware
         self.encodes = 0
+        # "within 2 px of the previous mask" means 2 pixels of the original grid: an upsampled
+        # axis gets a wider reach, or a 1-voxel step of the extent there reads as a jump
+        self.reach = self._diamond(2.0)  # the jump rule's reach
+
+    def _diamond(self, pixels: float) -> np.ndarray:
+        """Structuring element reaching ``pixels`` original pixels along each axis of the
+        square grid (at 2 on an isotropic grid: the cross, twice iterated)."""
+        (h, w), (sh, sw) = self.square.shape, self.square.square_shape
+        ry, rx = pixels * sh / h, pixels * sw / w
+        dy, dx = np.mgrid[-int(ry) : int(ry) + 1, -int(rx) : int(rx) + 1]
+        return np.abs(dy) / ry + np.abs(dx) / rx <= 1.0 + 1e-9
 
     def image(self, i: int) -> np.ndarray:
         return self.square.to_square(np.take(self.volume, i, axis=self.axis))
@@ -344,12 +355,12 @@ def _seed_stats(image: np.ndarray, mask: np.ndarray) -> _Seed:
     return _Seed(int(mask.sum()), mean, contrast)
 
 
-def _measure(i, mask, prev, seed: _Seed, image, score, stability) -> SliceRecord:
-    """The record of a square-grid mask (``area`` on the original grid is set by the caller)."""
+def _measure(i, mask, prev, near, seed: _Seed, image, score, stability) -> SliceRecord:
+    """The record of a square-grid mask (``area`` on the original grid is set by
+    the caller); ``near``: the previous mask ``prev`` dilated by 2 original pixels."""
     area = int(mask.sum())
     rec = SliceRecord(i, 0, score, stability, area)
     if area:
-        near = ndimage.binary_dilation(prev, iterations=2)
         rec.inside = float((mask & near).sum()) / area
         rec.growth = area / max(int(prev.sum()), 1)
         if seed.contrast:
@@ -370,14 +381,15 @@ def _step(slices: _Slices, i: int, prev, seed: _Seed, rules: StopRules):
     image = slices.image(i)
     embedding = slices.embed(image, box, points, labels)
     mask, score, stability = slices.decode(embedding, box, points, labels)[0]
-    rec = _measure(i, mask, prev, seed, image, score, stability)
+    near = ndimage.binary_dilation(prev, structure=slices.reach)
+    rec = _measure(i, mask, prev, near, seed, image, score, stability)
     shrunk = rec.square_area < rules.retry_shrink * int(prev.sum())
     if not rules.retry_margins or (rules.check(rec, seed.area) is None and not shrunk):
         return mask, rec
     boxes = np.stack([_box_of(prev, m, rules.margin_px + 1.0) for m in rules.retry_margins])
     tries = [(mask, rec)]
     for m, s, st in slices.decode(embedding, boxes):  # points go with one box only
-        tries.append((m, _measure(i, m, prev, seed, image, s, st)))
+        tries.append((m, _measure(i, m, prev, near, seed, image, s, st)))
     passing = [t for t in tries if rules.check(t[1], seed.area) is None]
     if not passing:
         return mask, rec
