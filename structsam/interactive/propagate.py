@@ -7,7 +7,9 @@ slice where a :class:`StopRules` rule fires (the mask vanishes, shrinks to a spe
 from the previous slice, more than doubles, or its intensity leaves the seed's; thresholds on
 the decoder's IoU estimate and on the mask's stability exist but are off, since they lowered the
 Dice on the tuning lesions: docs/propagation) or at the edge of the volume. The stopping slice
-is left empty; the report says which slice stopped each direction and why.
+is left empty; the report says which slice stopped each direction and why. Before a slice
+stops the walk (or when its mask halves), it is decoded again from wider boxes on the same
+embedding, and a passing mask is kept (``StopRules.retry_margins``).
 
 Slices across an axis with anisotropic voxels (``spacing``) are resampled to square pixels
 before encoding (:class:`structsam.transforms.SquarePixels`) and their masks mapped back exactly.
