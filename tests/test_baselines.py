@@ -137,11 +137,11 @@ def test_tome_spends_no_edge_on_protected_tokens():
 
     grid = Grid(4, 4)
     feat = _feat(grid, b=1)
-    protect = torch.zeros(1, 16, dtype=torch.bool)
-    protect[0, :8] = True  # the top half
+    protect = torch.zeros(4, 4, dtype=torch.bool)  # (H, W), as the engine passes it
+    protect[:2] = True  # the top half
     dst, _ = tome_merge(feat, grid, 0.25, protect)
     moved = dst[0] != torch.arange(16)
-    assert int(moved.sum()) == 4 and not moved[:8].any() and not protect[0, dst[0][moved]].any()
+    assert int(moved.sum()) == 4 and not moved[:8].any() and not bool((dst[0][moved] < 8).any())
 
 
 # --- ToMeSD -------------------------------------------------------------------------------

@@ -187,7 +187,7 @@ def tome_merge(
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, W, C) features -> (dst (B, N), protected (B, N) all False). See the module
-    docstring; ``generator`` is unused (ToMe is not random). ``protect`` (B, N) or (N,): tokens
+    docstring; ``generator`` is unused (ToMe is not random). ``protect`` (H, W): tokens
     the engine will keep apart; they take no part in the matching, so no edge is spent on them
     (the engine would undo it)."""
     idx, none = keep_all(feat, grid)
@@ -195,7 +195,7 @@ def tome_merge(
     if r <= 0:
         return idx, none
     metric = unit_metric(feat)
-    alive = torch.ones_like(none) if protect is None else ~protect.expand_as(none)
+    alive = torch.ones_like(none) if protect is None else ~protect.reshape(1, -1).expand_as(none)
     first = min(r, grid.n // 2)
     dst = _round(metric, grid, idx, alive, first)
     if r > first:  # a second block's worth of ToMe on the tokens the first round kept
