@@ -24,6 +24,20 @@ def test_energy_is_high_at_the_edge_and_zero_in_flat_parts():
     assert torch.all(e[:, [3, 4]] > 0.1)
 
 
+def test_dirichlet_energy_sees_a_one_token_peak_that_sobel_misses():
+    # a small lesion at a coarse stage: one token unlike its neighbours
+    feat = torch.zeros(1, 7, 7, 4)
+    feat[0, :, :, 0] = 1.0
+    feat[0, 3, 3] = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    sobel = token_energy(feat)[0]
+    dirichlet = token_energy(feat, "dirichlet")[0]
+    assert sobel[3, 3] < 1e-5 < sobel[3, 2]  # central differences cancel at the peak
+    assert dirichlet[3, 3] == dirichlet.max() and dirichlet[3, 3] > 1.5 * dirichlet[3, 2] > 0
+    assert dirichlet[0, 0] < 1e-5  # flat far away
+    with pytest.raises(ValueError, match="dirichlet"):
+        token_energy(feat, "laplace")
+
+
 @pytest.mark.parametrize("rate, screen", [(0.5, 1.0), (0.25, 2.0)])
 def test_edge_cells_are_protected_and_flat_cells_merged(rate, screen):
     # candidates are the flattest cells holding screen x the budget: 36 removable tokens in the
