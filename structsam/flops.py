@@ -2,8 +2,8 @@
 
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode``, which counts 2 FLOPs per
 multiply-add of matrix products and convolutions (not element-wise ops, norms or softmax). The
-merging overheads that are such products (the Sobel energy convolution, the reduced attention)
-are included; index bookkeeping (gather/scatter) costs no FLOPs in this count.
+merging overheads that are such products (the energy's difference convolutions, the reduced
+attention) are included; index bookkeeping (gather/scatter) costs no FLOPs in this count.
 """
 
 from __future__ import annotations

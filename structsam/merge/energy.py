@@ -29,10 +29,16 @@ def token_energy(feat: torch.Tensor, kind: str = "sobel", normalised: bool = Fal
     f = (feat if normalised else normalise(feat)).permute(0, 3, 1, 2)  # (B, C, H, W)
     c = f.shape[1]
     if kind == "dirichlet":
-        p = F.pad(f, (1, 1, 1, 1), mode="replicate")
-        d = (p[:, :, 1:-1, :-2] - f).square() + (p[:, :, 1:-1, 2:] - f).square()
-        d += (p[:, :, :-2, 1:-1] - f).square() + (p[:, :, 2:, 1:-1] - f).square()
-        return d.sum(1).div_(2 * c).sqrt_()
+        # forward differences by two 2-tap depthwise convs (so they are counted as FLOPs); a
+        # token's backward difference is its left/upper neighbour's forward one
+        kx = torch.tensor([[-1.0, 1.0]]).to(f)
+        gx = F.conv2d(F.pad(f, (0, 1, 0, 0), mode="replicate"), kx.expand(c, 1, 1, 2), groups=c)
+        gy = F.conv2d(F.pad(f, (0, 0, 0, 1), mode="replicate"), kx.t().expand(c, 1, 2, 1), groups=c)
+        sx, sy = gx.square().sum(1), gy.square().sum(1)  # (B, H, W)
+        e = sx + sy
+        e[:, :, 1:] += sx[:, :, :-1]
+        e[:, 1:, :] += sy[:, :-1, :]
+        return e.div_(2 * c).sqrt_()
     if kind == "sobel":
         kx, ky = _SOBEL_X / 8.0, _SOBEL_Y / 8.0
     elif kind == "central":
