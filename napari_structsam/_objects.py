@@ -133,7 +133,6 @@ class ObjectsMixin:
         elif isinstance(step, Commit):
             note = self._save_after(what)
             self.layers[L.OBJECTS].refresh()
-            self.layers[L.MASK].refresh()
             self._commit_prompts(step, what)
             gone = "removed" if what == "undo" else "restored"
             labels = ", ".join(str(v) for v in step.labels)
@@ -152,10 +151,11 @@ class ObjectsMixin:
             return
         now = self._snapshot()
         if what == "undo" and now == _empty(now):
+            self.session.restore_object(step)
+            self.layers[L.MASK].refresh()
             self._restore_prompts(snap)
         elif what == "redo" and now == snap:
-            self._restore_prompts(_empty(snap))
-            self._prompt_timer.stop()  # nothing to segment: the object is committed again
+            self._restore_prompts(_empty(snap))  # the re-segment then clears the current object
 
 
 def _empty(like: PromptSnapshot) -> PromptSnapshot:

@@ -342,18 +342,23 @@ class Session:
 
     def undo(self):
         """Take back the last step: a commit's pixels that still hold its labels are cleared
-        and the current object comes back.
+        (the current object is the caller's: see ``restore_object``).
         Returns the step (other kinds, e.g. the widget's prompt edits, are the caller's)."""
         step = self.history.undo()
         if isinstance(step, Commit):
-            _obj.undo_commit(self.objects, step, self.mask)
+            _obj.undo_commit(self.objects, step)
         return step
+
+    def restore_object(self, step: Commit) -> None:
+        """The current object as it was before ``step`` was committed (after its undo, where
+        nothing has been drawn since)."""
+        _obj.restore_current(self.mask, step)
 
     def redo(self):
         """Do the last undone step again (a commit only where ``objects`` is still 0)."""
         step = self.history.redo()
         if isinstance(step, Commit):
-            _obj.redo_commit(self.objects, step, self.mask)
+            _obj.redo_commit(self.objects, step)
         return step
 
     # ------------------------------------------------------------------ 3D propagation

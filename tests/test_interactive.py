@@ -47,7 +47,9 @@ def test_reencode_rule(service, image):
     assert reencode_reason(plain, AWARE, None) is None
     assert reencode_reason(plain, AWARE, {"box": BOX}) is Reencode.FIRST_PROMPT
     aware = service.encode(image, AWARE, prompts={"box": BOX})
-    assert aware.prompts is not None and aware.tokens()[0] > plain.tokens()[0]
+    # the aware embedding protected the prompt region, and merged otherwise than the plain
+    assert aware.prompts is not None and aware.covers({"box": BOX})
+    assert not np.array_equal(np.asarray(aware.features), np.asarray(plain.features))
     assert reencode_reason(aware, AWARE, INSIDE) is None
     assert reencode_reason(aware, AWARE, {**INSIDE, "point_coords": [[98.0, 80.0]]}) is None
     assert reencode_reason(aware, AWARE, FAR) is Reencode.OUTSIDE

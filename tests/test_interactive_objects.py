@@ -10,6 +10,7 @@ from structsam.interactive.objects import (
     group_prompts,
     label_map,
     redo_commit,
+    restore_current,
     undo_commit,
 )
 from structsam.interactive.plane import Plane
@@ -58,8 +59,12 @@ def test_commit_separate_labels_undo_redo_never_overwrite():
     mask[1, :2, :2] = 1
     mask[1, 5:, 5:] = 2
     mask[0, 0, :2] = 1  # one pixel is object 5's: it stays 5's
+    before = mask.copy()
     done = commit(objects, mask)
     assert done.labels == [6, 7] and not mask.any()
+    restore_current(mask, done)  # the whole current object, the pixel left to 5 included
+    assert np.array_equal(mask, before)
+    mask[...] = 0
     assert objects[0, 0, 0] == 5 and (objects == 6).sum() == 5 and (objects == 7).sum() == 9
     after = objects.copy()
     assert undo_commit(objects, done) == 14

@@ -136,7 +136,8 @@ def test_two_boxes_two_labels_then_undo_redo_restores_exactly(volume_widget, qtb
     assert np.array_equal(viewer.layers[L.MASK].data, current)  # re-decoded: the same
     widget.redo()  # [Ctrl-Shift-Z]: committed again, prompts gone as after the commit
     assert np.array_equal(objects.data, after) and np.array_equal(autosaved(), after)
-    assert not viewer.layers[L.BOXES].data and not viewer.layers[L.MASK].data.any()
+    assert not viewer.layers[L.BOXES].data
+    qtbot.waitUntil(lambda: not viewer.layers[L.MASK].data.any(), timeout=WAIT_MS)
     # a prompt edit is undone and redone too
     add_box(viewer, plane, 110, 60.0, 60.0, 90.0, 90.0)
     qtbot.wait(100)

@@ -20,7 +20,7 @@ def test_patch_refuses_a_bad_rate(small_vit, rate):
 
 
 def test_patch_refuses_bad_values_in_a_schedule(small_vit):
-    with pytest.raises(MergeError, match=r"rate\[2\] must be in \[0, 0.5\]"):
+    with pytest.raises(MergeError, match=r"rate\[2\] must be in \[0, 0.75\]"):
         patch(small_vit, "tome", [0.3, 0.3, float("nan"), 0.3])
     with pytest.raises(MergeError, match=r"rate\[1\] must be in"):
         patch(small_vit, "structsam", {1: -0.5})

@@ -6,7 +6,8 @@
   in one batched decoder call;
 * :func:`commit` / :func:`undo_commit` / :func:`redo_commit`: a label map of objects written as
   new labels into committed objects, only on background, and taken back or written again
-  without ever overwriting another label;
+  without ever overwriting another label; :func:`restore_current`: the current object as it was
+  before a commit;
 * :class:`History`: an undo/redo stack of such steps (commits, prompt edits...).
 """
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["Commit", "History", "commit", "decode_objects", "group_prompts", "redo_commit",
-           "undo_commit"]  # fmt: skip
+           "restore_current", "undo_commit"]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -103,7 +104,8 @@ class Commit:
 
     index: np.ndarray
     values: np.ndarray
-    mask_values: np.ndarray  # the current-object values there before the commit
+    mask_index: np.ndarray  # the current object before the commit: its pixels (flat) ...
+    mask_values: np.ndarray  # ... and their values
     context: object = None  # the caller's, kept with the step (the widget: the prompts)
 
     @property
@@ -121,7 +123,8 @@ def commit(objects: np.ndarray, mask: np.ndarray) -> Commit | None:
     ``objects`` (after its largest), written only where ``objects`` is 0; ``mask`` is cleared.
     Both arrays are changed in place (C-contiguous, same shape). None when nothing was new."""
     flat_obj, flat_mask = _flat(objects), _flat(mask)
-    index = np.flatnonzero((flat_mask > 0) & (flat_obj == 0))
+    mask_index = np.flatnonzero(flat_mask)
+    index = mask_index[flat_obj[mask_index] == 0]
     if not len(index):
         mask[...] = 0
         return None
@@ -130,8 +133,9 @@ def commit(objects: np.ndarray, mask: np.ndarray) -> Commit | None:
     first = int(objects.max()) + 1
     values = (first + np.arange(len(present)))[inverse].astype(objects.dtype)
     flat_obj[index] = values
+    mask_values = flat_mask[mask_index].copy()
     mask[...] = 0
-    return Commit(index, values, old.copy())
+    return Commit(index, values, mask_index, mask_values)
 
 
 def undo_commit(objects: np.ndarray, done: Commit, mask: np.ndarray | None = None) -> int:
@@ -142,7 +146,7 @@ def undo_commit(objects: np.ndarray, done: Commit, mask: np.ndarray | None = Non
     still = flat[done.index] == done.values
     flat[done.index[still]] = 0
     if mask is not None:
-        _flat(mask)[done.index] = done.mask_values
+        _flat(mask)[done.mask_index] = done.mask_values
     return int(still.sum())
 
 
@@ -153,8 +157,15 @@ def redo_commit(objects: np.ndarray, done: Commit, mask: np.ndarray | None = Non
     free = flat[done.index] == 0
     flat[done.index[free]] = done.values[free]
     if mask is not None:
-        _flat(mask)[done.index] = 0
+        _flat(mask)[done.mask_index] = 0
     return int(free.sum())
+
+
+def restore_current(mask: np.ndarray, done: Commit) -> None:
+    """``mask`` becomes the current object as it was just before ``done`` was committed."""
+    flat = _flat(mask)
+    flat[...] = 0
+    flat[done.mask_index] = done.mask_values
 
 
 def _flat(arr: np.ndarray) -> np.ndarray:
