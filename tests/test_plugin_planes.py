@@ -161,13 +161,19 @@ def test_two_boxes_two_labels_then_undo_redo_restores_exactly(volume_widget, qtb
     assert len(widget._current_objects()) == 1
 
 
-def test_a_burst_of_slider_moves_is_one_encode(make_napari_viewer, qtbot, monkeypatch):
+def slice_widget(make_napari_viewer, qtbot):
+    """A viewer with the MNI152 sample slice and the widget docked, its first encode done."""
     viewer = make_napari_viewer()
     data, meta, _ = mni152_slice_sample()[0]
     viewer.add_image(data, **meta)
     widget = StructSAMWidget(viewer)
     viewer.window.add_dock_widget(widget)
     wait_idle(qtbot, widget)
+    return viewer, widget
+
+
+def test_a_burst_of_slider_moves_is_one_encode(make_napari_viewer, qtbot, monkeypatch):
+    viewer, widget = slice_widget(make_napari_viewer, qtbot)
     service = widget.session.service
     calls = []
     encode = service.encode
@@ -193,12 +199,7 @@ def test_a_model_change_clears_overlays_and_status_and_the_error_reads_whole(
     make_napari_viewer, qtbot, monkeypatch, tmp_path
 ):
     monkeypatch.setenv("STRUCTSAM_CACHE", str(tmp_path))  # no vit_b checkpoint there
-    viewer = make_napari_viewer()
-    data, meta, _ = mni152_slice_sample()[0]
-    viewer.add_image(data, **meta)
-    widget = StructSAMWidget(viewer)
-    viewer.window.add_dock_widget(widget)
-    wait_idle(qtbot, widget)
+    viewer, widget = slice_widget(make_napari_viewer, qtbot)
     assert viewer.layers[L.MERGE_MAP].data.any() and widget.legend.text()
     widget.model_combo.setCurrentText("vit_b")
     assert not viewer.layers[L.MERGE_MAP].data.any()  # the old model's overlays are gone

@@ -193,19 +193,18 @@ class History:
 
     def undo(self):
         """The step to take back (moved to the redo stack), or None."""
-        if not self.done:
-            return None
-        step = self.done.pop()
-        self.undone.append(step)
-        return step
+        return self._move(self.done, self.undone)
 
     def redo(self):
         """The step to do again (moved back to the undo stack), or None."""
-        if not self.undone:
+        return self._move(self.undone, self.done)
+
+    @staticmethod
+    def _move(source: list, target: list):
+        if not source:
             return None
-        step = self.undone.pop()
-        self.done.append(step)
-        return step
+        target.append(source.pop())
+        return target[-1]
 
     def clear(self) -> None:
         self.done.clear()
