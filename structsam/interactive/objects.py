@@ -138,26 +138,22 @@ def commit(objects: np.ndarray, mask: np.ndarray) -> Commit | None:
     return Commit(index, values, mask_index, mask_values)
 
 
-def undo_commit(objects: np.ndarray, done: Commit, mask: np.ndarray | None = None) -> int:
+def undo_commit(objects: np.ndarray, done: Commit) -> int:
     """Take ``done`` back: its pixels that still hold its labels become 0 (pixels since painted
-    with another label stay). With ``mask``, the current object comes back as it was. Returns
-    the number of pixels cleared."""
+    with another label stay; the current object is :func:`restore_current`'s). Returns the
+    number of pixels cleared."""
     flat = _flat(objects)
     still = flat[done.index] == done.values
     flat[done.index[still]] = 0
-    if mask is not None:
-        _flat(mask)[done.mask_index] = done.mask_values
     return int(still.sum())
 
 
-def redo_commit(objects: np.ndarray, done: Commit, mask: np.ndarray | None = None) -> int:
-    """Write ``done`` again where ``objects`` is still 0 (never over another label); with
-    ``mask``, its pixels leave the current object. Returns the number of pixels written."""
+def redo_commit(objects: np.ndarray, done: Commit) -> int:
+    """Write ``done`` again where ``objects`` is still 0 (never over another label). Returns
+    the number of pixels written."""
     flat = _flat(objects)
     free = flat[done.index] == 0
     flat[done.index[free]] = done.values[free]
-    if mask is not None:
-        _flat(mask)[done.mask_index] = 0
     return int(free.sum())
 
 
