@@ -178,14 +178,20 @@ def test_bad_settings_raise_clear_errors(litemedsam):
 
 
 def test_schedule_and_block_choice(litemedsam, phantom):
-    patch(litemedsam, "structsam", {2: 0.5, 3: 0.25}, blocks=[2, 3], coarse=0)
+    # blocks 2 and 3 share a stage and one assignment, so they cannot have two rates
+    with pytest.raises(MergeError, match="share one merge"):
+        patch(litemedsam, "structsam", {2: 0.5, 3: 0.25}, blocks=[2, 3], coarse=0)
+    unpatch(litemedsam)
+    ref = _run(litemedsam.image_encoder, phantom)
+    patch(litemedsam, "structsam", 0.5, blocks=[2, 3], coarse=0)
     try:
-        _run(litemedsam.image_encoder, phantom)
+        out = _run(litemedsam.image_encoder, phantom)
         info = merge_state(litemedsam).info
     finally:
         unpatch(litemedsam)
-    # blocks 2 and 3 share a stage: the assignment is decided once, at block 2's rate
+    # blocks 4-7 of the same stage run dense after the merged run
     assert [i.block for i in info] == [2, 3]
+    assert 0 < (out - ref).abs().max().item() < ref.abs().max().item()
     assert info[0].tokens_after == info[1].tokens_after == 2048
 
 
@@ -237,6 +243,28 @@ def test_one_merge_per_stage_equals_per_block(small_vit, rate):
     assert kept["stage"] == kept["block"] and max(kept["stage"]) < 256
     assert paths["stage"] is sam_vit.encoder_forward
     assert paths["block"] is not sam_vit.encoder_forward
+    assert (out["stage"] - out["block"]).abs().max().item() < 1e-4
+
+
+def test_tinyvit_stage_path_equals_per_block(litemedsam, phantom):
+    # one merge and one recovery per block around the full-resolution conv equals merging
+    # around attention and MLP separately; only stage 2 (six blocks) merges, so a float-level
+    # difference cannot flip a later stage's selection
+    from structsam.patching import tinyvit
+
+    out, paths, kept = {}, {}, {}
+    for recovery in ("stage", "block"):
+        patch(litemedsam, "structsam", {b: 0.4 for b in range(2, 8)}, recovery=recovery)
+        try:
+            paths[recovery] = type(litemedsam.image_encoder).forward
+            out[recovery] = _run(litemedsam.image_encoder, phantom)
+            kept[recovery] = [i.tokens_after for i in merge_state(litemedsam).info]
+        finally:
+            unpatch(litemedsam)
+    assert paths["stage"] is tinyvit.encoder_forward
+    assert paths["block"] is not tinyvit.encoder_forward
+    assert kept["stage"] == kept["block"] and len(kept["stage"]) == 6
+    assert max(kept["stage"]) < 64 * 64
     assert (out["stage"] - out["block"]).abs().max().item() < 1e-4
 
 
