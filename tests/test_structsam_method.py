@@ -128,6 +128,31 @@ def test_plan_merge_is_the_group_mean_and_unmerge_recovers():
     assert torch.allclose(back[0, :, 0], torch.tensor([3.0, 3.0, 10.0, 3.0]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_merge_equals_the_group_mean_on_a_real_plan(dtype):
+    # the sparse averaging matrix against a per-group mean, two images, groups up to 4x4
+    torch.manual_seed(0)
+    grid = Grid(28, 28, window=14)
+    feat = torch.nn.functional.avg_pool2d(torch.randn(2, 16, 28, 28), 5, 1, 2)
+    dst, _ = structsam_merge(feat.permute(0, 2, 3, 1).contiguous(), grid, rate=0.5)
+    plan = Plan.from_dst(dst, grid)
+    x = torch.randn(2, grid.n, 8)
+    ref = torch.zeros(plan.n_reduced, 8).index_add_(0, plan.group, x.reshape(-1, 8))
+    ref /= plan.size[:, None]
+    assert int(plan.size.max()) > 4 and plan.n_reduced < grid.n  # coarse groups too
+    out = plan.merge(x.to(dtype))
+    assert out.dtype == dtype
+    assert torch.allclose(out.float(), ref, atol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_padding_patterns_of_a_window_layout():
+    pattern, masks = Grid(64, 64, window=14).pad_patterns  # padded to 70: 6 rows/cols of pad
+    assert masks.shape == (3, 196)
+    assert sorted(masks.sum(1).tolist()) == [84, 84, 132]
+    assert (pattern >= 0).sum() == 9 and pattern[0] == -1 and pattern[-1] >= 0
+    assert Grid(28, 28, window=14).pad_patterns[1].shape == (0, 196)
+
+
 def test_coarse_merges_a_whole_flat_4x4_block_into_one_token():
     feat = _step_features(edge_col=5)
     grid = Grid(8, 8, None)

@@ -118,6 +118,20 @@ class Grid:
         wid = (r // self.win) * self.windows_x + c // self.win
         return wid, (r % self.win) * self.win + c % self.win
 
+    @cached_property
+    def pad_patterns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which window positions are padding: (n_windows,) pattern index of each window (-1:
+        no padding) and (T, win * win) bool, the padded positions of each pattern (T <= 3:
+        bottom, right, corner)."""
+        wid, pos = self.pad_local_pos
+        mask = torch.zeros(self.n_windows, self.win**2, dtype=torch.bool, device=self.device)
+        mask[wid, pos] = True
+        padded = mask.any(1)
+        masks, inverse = torch.unique(mask[padded], dim=0, return_inverse=True)
+        pattern = torch.full((self.n_windows,), -1, dtype=torch.long, device=self.device)
+        pattern[padded] = inverse
+        return pattern, masks
+
 
 def prompt_mask(
     grid: Grid,

@@ -9,6 +9,7 @@ group's update back to every member token, so the output keeps its full grid.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -208,11 +209,21 @@ class MergeState:
         self._call_prompts = _PATCH_PROMPTS
         self._identity: dict[tuple, Plan] = {}
         self._grids: dict[tuple, Grid] = {}
+        self._constants: dict = {}
         self.info: list[BlockMergeInfo] = []
         # diagnostics (spectral distortion): each stage's first block input, image 0
         self._recording: dict[int, torch.Tensor] | None = None
         self._assign: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._plans: dict[tuple[int, int | None], Plan] = {}
+
+    def __deepcopy__(self, memo) -> MergeState:
+        # a copied model gets the same patch and empty per-forward caches (plans hold sparse
+        # tensors, which deepcopy cannot copy, and a copy recomputes them on its first forward)
+        twin = MergeState(self.config)
+        if self._call_prompts is not _PATCH_PROMPTS:  # the sentinel must stay itself
+            twin._call_prompts = copy.deepcopy(self._call_prompts, memo)
+        memo[id(self)] = twin
+        return twin
 
     # the configuration, read by the patched forwards
     @property
@@ -284,6 +295,13 @@ class MergeState:
             dst, protected = protect_tokens(dst, protected, protect.view(1, -1))
         return dst, protected
 
+    def constant(self, key, build):
+        """``build()``, made once per patch: values that depend only on the model's weights and
+        a grid (e.g. a block's padding-key biases)."""
+        if key not in self._constants:
+            self._constants[key] = build()
+        return self._constants[key]
+
     def grid(self, height: int, width: int, window, device) -> Grid:
         """Grids (and their cached index tensors) kept across forwards: they depend only on
         the shape; rebuilding LiteMedSAM's three took 2.1 ms per encode."""
@@ -345,7 +363,9 @@ def _attend(q, k, v, bias, key_bias, scale):
     return fused_attention(q, k, v, bias.to(q.dtype), scale, q.shape[-1])
 
 
-def reduced_attention(kv, splits, plan: Plan, scale: float, bias_fn, pad_kv=None, q=None):
+def reduced_attention(
+    kv, splits, plan: Plan, scale: float, bias_fn, pad_kv=None, q=None, one_pad_slot=False
+):
     """Windowed softmax attention with reduced keys and values.
 
     ``kv``: (M, heads, d...) per reduced token, split by ``splits`` into (q, k, v) or, when the
@@ -354,11 +374,12 @@ def reduced_attention(kv, splits, plan: Plan, scale: float, bias_fn, pad_kv=None
     ToMe's proportional attention (log group size added to the key logits), which is exact when
     a group's tokens are identical. Zero-padding tokens of the window layout are appended as
     keys, as the dense block sees them. ``bias_fn(q, qpos, kpos, cache)`` returns a fresh
-    (W, heads, Sq, Sk) position bias. Returns (M or B*N, heads, dv).
+    (W, heads, Sq, Sk) position bias. ``one_pad_slot``: each window's padding keys are one
+    slot (``Plan.packing``), whose bias ``bias_fn`` must give. Returns (M or B*N, heads, dv).
     """
     if q is not None:
         return _full_query_attention(kv, splits, plan, scale, bias_fn, pad_kv, q)
-    bk = plan.buckets()
+    bk = plan.buckets(one_pad_slot)
     buf = kv.new_zeros(bk["rows"], *kv.shape[1:])
     if pad_kv is not None and bk["pad_rows"].numel():
         buf[bk["pad_rows"]] = pad_kv.to(kv.dtype)

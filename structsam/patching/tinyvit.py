@@ -42,25 +42,48 @@ def is_tinyvit(encoder) -> bool:
     return type(encoder).__name__ == "TinyViT" and hasattr(encoder, "layers")
 
 
-def _tinyvit_bias(attn):
-    """Position bias for packed slots, gathered from the block's learned offset table."""
-    table = (
-        attn.ab
-        if hasattr(attn, "ab") and not attn.training
-        else (attn.attention_biases[:, attn.attention_bias_idxs])
+def _tinyvit_bias(blk, grid):
+    """Position bias for packed slots, gathered from the block's learned pair biases, with one
+    extra key column per padding pattern of ``grid`` (``Plan.packing(one_pad_slot=True)``)."""
+    attn = blk.attn
+    table = blk._structsam_state.constant(
+        ("tinyvit_pad_bias", blk._structsam_index, grid.height, grid.width, grid.window),
+        lambda: _pad_bias(_pair_bias(attn), grid.pad_patterns[1]),
     )
 
     def bias(q, qpos, kpos, cache):
-        heads, n = table.shape[0], table.shape[1]
-        if (heads, n) not in cache:
-            pair = qpos[:, None, :, None] * n + kpos[:, None, None, :]
-            head = torch.arange(heads, device=qpos.device)[None, :, None, None] * n * n
+        heads, n, nk = table.shape
+        if (heads, n, nk) not in cache:
+            # a padding slot's query row is never read: any row will do
+            pair = qpos.clamp(max=n - 1)[:, None, :, None] * nk + kpos[:, None, None, :]
+            head = torch.arange(heads, device=qpos.device)[None, :, None, None] * n * nk
             # int32 makes index_select about twice as fast as int64 on CPU
-            cache[(heads, n)] = (pair + head).to(torch.int32).view(-1)
+            cache[(heads, n, nk)] = (pair + head).to(torch.int32).view(-1)
         w, sq, sk = q.shape[0], qpos.shape[1], kpos.shape[1]
-        return table.reshape(-1).index_select(0, cache[(heads, n)]).view(w, heads, sq, sk)
+        return table.reshape(-1).index_select(0, cache[(heads, n, nk)]).view(w, heads, sq, sk)
 
     return bias
+
+
+def _pair_bias(attn) -> torch.Tensor:
+    """(heads, n, n) bias of every query/key pair of a window (TinyViT caches it in eval)."""
+    if hasattr(attn, "ab") and not attn.training:
+        return attn.ab
+    return attn.attention_biases[:, attn.attention_bias_idxs]
+
+
+def _pad_bias(ab: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
+    """(heads, n, n) pair biases, (T, n) padded positions -> (heads, n, n + T).
+
+    Padding tokens are zeros through the attention's LayerNorm, so their keys and values are
+    identical; only their position biases differ. A window's padding keys therefore sum to one
+    key whose bias is the logsumexp of theirs: exact, and on LiteMedSAM's 64x64 stages it cuts
+    the edge windows' key slots from 84 padding keys (window 14) or 42 (window 7) to one.
+    """
+    if not patterns.shape[0]:
+        return ab
+    masked = ab.float()[:, :, None, :].masked_fill(~patterns[None, None], float("-inf"))
+    return torch.cat([ab, torch.logsumexp(masked, dim=-1).to(ab.dtype)], dim=2)
 
 
 def merged_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,12 +95,11 @@ def merged_forward(self, x: torch.Tensor) -> torch.Tensor:
     if plan is None:
         return self._structsam_dense_forward(x)
     b, n, c = x.shape
-    attn = self.attn
 
     if not state.config.merge_attention:
         x = x + self.drop_path(_dense_attention(self, x))
     else:
-        o = _merged_attention(attn, x, plan, state.config.queries == "full")
+        o = _merged_attention(self, x, plan, state.config.queries == "full")
         x = x + self.drop_path(o if state.config.queries == "full" else plan.unmerge(o))
 
     x = x.transpose(1, 2).reshape(b, c, h, w)
@@ -132,7 +154,7 @@ def _run_blocks(blocks, x: torch.Tensor, state) -> torch.Tensor:
     for i, blk in enumerate(blocks):
         if i:  # the same plan; this records the block's merge info
             state.plan_for(blk._structsam_index, x, h, w, window)
-        o = _reduced_attention(blk.attn, xr, plan)
+        o = _reduced_attention(blk, xr, plan)
         update = o if pending is None else pending.add_(o)
         full = base + plan.unmerge(update)
         conv = blk.local_conv(full.transpose(1, 2).reshape(b, c, h, w))
@@ -144,29 +166,35 @@ def _run_blocks(blocks, x: torch.Tensor, state) -> torch.Tensor:
     return base.add_(plan.unmerge(pending))
 
 
-def _reduced_attention(attn, xr: torch.Tensor, plan) -> torch.Tensor:
+def _reduced_attention(blk, xr: torch.Tensor, plan) -> torch.Tensor:
     """(M, C) reduced tokens -> their windowed attention output (M, C), queries reduced."""
+    attn = blk.attn
     heads, kd = attn.num_heads, attn.key_dim
     pad = None
-    if plan.packing()["has_pad"]:
+    if plan.packing(one_pad_slot=True)["has_pad"]:
         # zero padding passes through the attention's LayerNorm, so its keys are constant
         pad = attn.qkv(attn.norm(xr.new_zeros(1, xr.shape[-1]))).view(heads, -1)
     qkv = attn.qkv(attn.norm(xr)).view(-1, heads, 2 * kd + attn.d)
-    o = reduced_attention(qkv, [kd, kd, attn.d], plan, attn.scale, _tinyvit_bias(attn), pad)
-    return attn.proj(o.reshape(-1, attn.dh))
+    bias = _tinyvit_bias(blk, plan.grid)
+    return attn.proj(
+        reduced_attention(
+            qkv, [kd, kd, attn.d], plan, attn.scale, bias, pad, one_pad_slot=True
+        ).reshape(-1, attn.dh)
+    )
 
 
-def _merged_attention(attn, x, plan, full_queries=False):
+def _merged_attention(blk, x, plan, full_queries=False):
     """(B, N, C) -> attention output (M, C) of the reduced tokens, or (B, N, C) per token."""
     if not full_queries:
-        return _reduced_attention(attn, plan.merge(x), plan)
+        return _reduced_attention(blk, plan.merge(x), plan)
+    attn = blk.attn
     b, n, c = x.shape
     heads, kd = attn.num_heads, attn.key_dim
     xr = attn.norm(plan.merge(x))
     pad = None
     if plan.packing()["has_pad"]:
         pad = attn.qkv(attn.norm(x.new_zeros(1, c))).view(heads, -1)
-    bias = _tinyvit_bias(attn)
+    bias = _tinyvit_bias(blk, plan.grid)
     # split the fused projection: queries for every token, keys/values for the groups
     w = attn.qkv.weight.view(heads, 2 * kd + attn.d, c)
     bb = attn.qkv.bias.view(heads, 2 * kd + attn.d)
