@@ -153,6 +153,20 @@ def test_folded_matches_unfolded(lite_folded, lite_unfolded):
     assert (folded - unfolded).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("rows", [256, 37, 9])
+def test_conv_stage_in_bands_equals_one_band(lite_folded, monkeypatch, rows):
+    # halo rows for the 3x3 convs, the stride-2 phase of PatchMerging, odd heights
+    stage = lite_folded.image_encoder.layers[0]
+    h = torch.randn(1, rows, 20, 64, generator=torch.Generator().manual_seed(rows))
+    with torch.inference_mode():
+        whole = stage(h)
+        monkeypatch.setattr(lite_module, "_BAND_BYTES", 20 * 256 * 4 * 3)  # 3 rows a band
+        assert lite_module._n_bands(h, 256) >= 3
+        banded = stage(h)
+    assert whole.shape == (1, (-(-rows // 2)) * 10, 128)
+    assert (whole - banded).abs().max().item() < 1e-5
+
+
 def test_fold_conv_bn_math():
     torch.manual_seed(0)
     pair = nn.Sequential()
