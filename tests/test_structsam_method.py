@@ -24,6 +24,22 @@ def test_energy_is_high_at_the_edge_and_zero_in_flat_parts():
     assert torch.all(e[:, [3, 4]] > 0.1)
 
 
+def test_dirichlet_energy_is_the_mean_squared_difference_to_the_grid_neighbours():
+    # against a loop over the four neighbours (replicate padding: a missing neighbour adds 0)
+    from structsam.merge.energy import normalise
+
+    feat = torch.randn(2, 5, 7, 6, generator=torch.Generator().manual_seed(4))
+    f = normalise(feat)
+    ref = torch.zeros(2, 5, 7)
+    for y in range(5):
+        for x in range(7):
+            for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+                if 0 <= y + dy < 5 and 0 <= x + dx < 7:
+                    ref[:, y, x] += ((f[:, y, x] - f[:, y + dy, x + dx]) ** 2).sum(-1)
+    ref = (ref / (2 * 6)).sqrt()
+    assert torch.allclose(token_energy(feat, "dirichlet"), ref, atol=1e-5)
+
+
 def test_dirichlet_energy_sees_a_one_token_peak_that_sobel_misses():
     # a small lesion at a coarse stage: one token unlike its neighbours
     feat = torch.zeros(1, 7, 7, 4)

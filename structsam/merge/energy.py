@@ -23,22 +23,26 @@ def token_energy(feat: torch.Tensor, kind: str = "sobel", normalised: bool = Fal
     neighbours / 2), the token's share of the grid graph's Dirichlet energy. Central
     differences (Sobel included) are blind to a one-token peak (its two neighbours cancel),
     which is what a small lesion is at the coarse stages; one-sided differences are not.
-    Replicate padding, so the image border is not mistaken for an edge.
-    Computed as a depthwise convolution so FLOP counters see its cost.
+    Replicate padding, so the image border is not mistaken for an edge. Sobel and central
+    differences are depthwise convolutions (FLOP counters see them), Dirichlet is elementwise.
     """
-    f = (feat if normalised else normalise(feat)).permute(0, 3, 1, 2)  # (B, C, H, W)
-    c = f.shape[1]
+    f = feat if normalised else normalise(feat)
+    c = f.shape[-1]
     if kind == "dirichlet":
-        # forward differences by two 2-tap depthwise convs (so they are counted as FLOPs); a
-        # token's backward difference is its left/upper neighbour's forward one
-        kx = torch.tensor([[-1.0, 1.0]]).to(f)
-        gx = F.conv2d(F.pad(f, (0, 1, 0, 0), mode="replicate"), kx.expand(c, 1, 1, 2), groups=c)
-        gy = F.conv2d(F.pad(f, (0, 0, 0, 1), mode="replicate"), kx.t().expand(c, 1, 2, 1), groups=c)
-        sx, sy = gx.square().sum(1), gy.square().sum(1)  # (B, H, W)
-        e = sx + sy
-        e[:, :, 1:] += sx[:, :, :-1]
-        e[:, 1:, :] += sy[:, :-1, :]
+        # forward differences on the channels-last features themselves: no padding copy, no
+        # layout change (LiteMedSAM's three stages: 20 -> 13 ms of selection per encode). A
+        # token's backward difference is its left/upper neighbour's forward one; the last
+        # row/column has none (replicate padding). Elementwise, so FLOP counters do not see
+        # it: 6 flops per token and channel, 0.03 % of LiteMedSAM's encoder.
+        sx = (f[:, :, 1:] - f[:, :, :-1]).square_().sum(-1)  # (B, H, W-1)
+        sy = (f[:, 1:] - f[:, :-1]).square_().sum(-1)  # (B, H-1, W)
+        e = f.new_zeros(f.shape[:3])
+        e[:, :, :-1] += sx
+        e[:, :, 1:] += sx
+        e[:, :-1] += sy
+        e[:, 1:] += sy
         return e.div_(2 * c).sqrt_()
+    f = f.permute(0, 3, 1, 2)  # (B, C, H, W)
     if kind == "sobel":
         kx, ky = _SOBEL_X / 8.0, _SOBEL_Y / 8.0
     elif kind == "central":
