@@ -30,7 +30,7 @@ def token_energy(feat: torch.Tensor, kind: str = "sobel", normalised: bool = Fal
     c = f.shape[-1]
     if kind == "dirichlet":
         # forward differences on the channels-last features themselves: no padding copy, no
-        # layout change (LiteMedSAM's three stages: 20 -> 13 ms of selection per encode). A
+        # layout change (LiteMedSAM's three stages: 21 -> 15 ms of selection per encode). A
         # token's backward difference is its left/upper neighbour's forward one; the last
         # row/column has none (replicate padding). Elementwise, so FLOP counters do not see
         # it: 6 flops per token and channel, 0.03 % of LiteMedSAM's encoder.
