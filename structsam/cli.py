@@ -292,7 +292,7 @@ _BENCH_DEFAULTS = {
     "jitter": 0.0,
     "data": None,
     "limit": None,
-    "lesions": 120,
+    "lesions": 160,
     "random_weight_cases": 2,
     "calibration_cases": 4,
     "spectral_cases": 3,
@@ -609,7 +609,7 @@ def build_parser(extra_commands=()) -> argparse.ArgumentParser:
     ev.add_argument("--method", default="structsam")
     ev.add_argument("--flops-reductions", default="0.1,0.2,0.3,0.4")
     ev.add_argument("--split", default="test", choices=["test", "tuning", "all"])
-    ev.add_argument("--lesions", type=int, default=120)
+    ev.add_argument("--lesions", type=int, default=160)
     ev.add_argument("--threads", type=int, default=2)
     ev.add_argument("--out", default="eval_out")
     ev.set_defaults(func=cmd_evaluate)
@@ -653,7 +653,7 @@ def build_parser(extra_commands=()) -> argparse.ArgumentParser:
         help="which split is scored (rates are always calibrated on the tuning split)",
     )
     be.add_argument("--limit", type=int, default=None, help="score at most this many cases")
-    be.add_argument("--lesions", type=int, default=120)
+    be.add_argument("--lesions", type=int, default=160)
     be.add_argument("--random-weight-cases", type=int, default=2)
     be.add_argument("--calibration-cases", type=int, default=4)
     be.add_argument("--spectral-cases", type=int, default=3)

@@ -641,7 +641,7 @@ def coin_cases(n: int | None = None) -> list[Case]:
 # Public collections
 
 
-def evaluation_cases(n_lesions: int = 120, seed: int = 0) -> list[Case]:
+def evaluation_cases(n_lesions: int = 160, seed: int = 0) -> list[Case]:
     """All well-posed evaluation cases: :func:`lesion_cases`, :func:`ventricle_cases`,
     :func:`phantom_cases` and :func:`coin_cases`.  Deterministic for a given seed."""
     return lesion_cases(n_lesions, seed) + ventricle_cases() + phantom_cases() + coin_cases()
