@@ -70,7 +70,7 @@ def test_mni152_volume_and_slices():
 
 
 def test_all_cases_valid(cases, anatomy):
-    assert 160 <= len(cases) <= 200
+    assert 200 <= len(cases) <= 240
     for case in cases + anatomy:
         check_case(case)
     names = [c.name for c in cases + anatomy]

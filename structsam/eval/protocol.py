@@ -399,7 +399,9 @@ class _PeakTensorMemory(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            # a sparse tensor has no storage of its own; its index and value tensors (made by
+            # ops of their own) are counted
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta" or t.is_sparse_csr:
                 continue
             ptr = t.untyped_storage().data_ptr()
             entry = self._refs.get(ptr)
