@@ -2,7 +2,8 @@
 
 Every method in ``structsam.merge`` returns ``dst`` of shape (B, N): the token each token merges
 into (itself when it is kept). ``Plan.from_dst`` turns that into flat index tensors, so merging is
-one ``index_add_`` (size-weighted mean) and recovery is one ``index_select``.
+one sparse averaging-matrix product (``index_add_`` under ``torch.compile``) and recovery is one
+``index_select``.
 """
 
 from __future__ import annotations

@@ -174,10 +174,7 @@ def _reduced_attention(blk, xr: torch.Tensor, plan) -> torch.Tensor:
     """(M, C) reduced tokens -> their windowed attention output (M, C), queries reduced."""
     attn = blk.attn
     heads, kd = attn.num_heads, attn.key_dim
-    pad = None
-    if plan.packing(one_pad_slot=True)["has_pad"]:
-        # zero padding passes through the attention's LayerNorm, so its keys are constant
-        pad = attn.qkv(attn.norm(xr.new_zeros(1, xr.shape[-1]))).view(heads, -1)
+    pad = _padding_qkv(attn, xr) if plan.packing(one_pad_slot=True)["has_pad"] else None
     qkv = attn.qkv(attn.norm(xr)).view(-1, heads, 2 * kd + attn.d)
     bias = _tinyvit_bias(blk, plan.grid)
     return attn.proj(
@@ -185,6 +182,12 @@ def _reduced_attention(blk, xr: torch.Tensor, plan) -> torch.Tensor:
             qkv, [kd, kd, attn.d], plan, attn.scale, bias, pad, one_pad_slot=True
         ).reshape(-1, attn.dh)
     )
+
+
+def _padding_qkv(attn, like: torch.Tensor) -> torch.Tensor:
+    """(heads, 2 * key_dim + d): q/k/v of a window's zero padding, which passes through the
+    attention's LayerNorm, so every padding token has the same ones."""
+    return attn.qkv(attn.norm(like.new_zeros(1, like.shape[-1]))).view(attn.num_heads, -1)
 
 
 def _merged_attention(blk, x, plan, full_queries=False):
@@ -195,9 +198,7 @@ def _merged_attention(blk, x, plan, full_queries=False):
     b, n, c = x.shape
     heads, kd = attn.num_heads, attn.key_dim
     xr = attn.norm(plan.merge(x))
-    pad = None
-    if plan.packing()["has_pad"]:
-        pad = attn.qkv(attn.norm(x.new_zeros(1, c))).view(heads, -1)
+    pad = _padding_qkv(attn, x) if plan.packing()["has_pad"] else None
     bias = _tinyvit_bias(blk, plan.grid)
     # split the fused projection: queries for every token, keys/values for the groups
     w = attn.qkv.weight.view(heads, 2 * kd + attn.d, c)
