@@ -118,6 +118,14 @@ class Grid:
         wid = (r // self.win) * self.windows_x + c // self.win
         return wid, (r % self.win) * self.win + c % self.win
 
+    def with_cell(self, cell: int) -> Grid:
+        """This grid with ``cell`` x ``cell`` cells, kept with it (a fresh Grid rebuilds its
+        index tensors, and the engine keeps its grids across forwards)."""
+        cache = self.__dict__.setdefault("_with_cell", {})  # frozen: no setattr
+        if cell not in cache:
+            cache[cell] = Grid(self.height, self.width, self.window, cell, self.device)
+        return cache[cell]
+
     @cached_property
     def pad_patterns(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Which window positions are padding: (n_windows,) pattern index of each window (-1:

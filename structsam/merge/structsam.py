@@ -45,8 +45,6 @@ on measured FLOPs (``structsam.calibrate``), not on rates. ``coarse=0`` removes 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .energy import normalise, token_energy
@@ -184,16 +182,10 @@ def structsam_merge(
     return dst, ~tok_chosen
 
 
-@functools.lru_cache(maxsize=32)
-def _coarse_grid(height, width, window, cell, device) -> Grid:
-    # kept across forwards: a fresh Grid rebuilds its index tensors
-    return Grid(height, width, window, cell=cell, device=device)
-
-
 def _coarsen(dst, tok_chosen, energy, grid: Grid, size: int):
     """Merge each size x size block whose 2x2 cells were all chosen into one group (its
     lowest-energy token): wide flat areas give up 15 of 16 tokens (4x4) instead of 3 of 4."""
-    g4 = _coarse_grid(grid.height, grid.width, grid.window, size, str(grid.device))
+    g4 = grid.with_cell(size)
     b = dst.shape[0]
     sid = g4.cell_id.expand(b, -1)
     whole = torch.ones(b, g4.n_cells, device=dst.device)
