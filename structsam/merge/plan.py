@@ -109,7 +109,8 @@ class Plan:
 
         Keys: ``n_slots`` (window slots), ``query_index`` (M,) slot of every reduced token in a
         (B*n_windows*n_slots) buffer, ``key_valid`` (B*nW, n_slots) bool, ``pos`` (B*nW, n_slots)
-        local position inside the window (padding slots included), ``log_size`` (B*nW, n_slots).
+        local position inside the window (padding slots included), ``log_size`` (B*nW, n_slots)
+        and ``key_size`` (B*nW, n_slots) int32: tokens behind each slot (1 for padding, 0 empty).
         Padding tokens of the window layout follow the real tokens of their window as keys; their
         slots are flagged in ``pad_slot`` (B*nW, n_slots) bool.
 
@@ -150,6 +151,8 @@ class Plan:
         valid[query_index] = True
         log_size = torch.zeros(n_win_total * n_slots, device=dev)
         log_size[query_index] = torch.log(self.size)
+        key_size = torch.zeros(n_win_total * n_slots, dtype=torch.int32, device=dev)
+        key_size[query_index] = self.size.to(torch.int32)
         pad_slot = torch.zeros(n_win_total * n_slots, dtype=torch.bool, device=dev)
         if pad_win.numel():
             # padding keys go after the window's real tokens
@@ -163,6 +166,7 @@ class Plan:
             pos[pidx] = pp
             valid[pidx] = True
             pad_slot[pidx] = True
+            key_size[pidx] = 1
         shape = (n_win_total, n_slots)
         self._cache[key] = {
             "n_slots": n_slots,
@@ -170,6 +174,7 @@ class Plan:
             "key_valid": valid.view(shape),
             "pos": pos.view(shape),
             "log_size": log_size.view(shape),
+            "key_size": key_size.view(shape),
             "pad_slot": pad_slot.view(shape),
             "has_pad": bool(pad_win.numel()),
             "win": win,
@@ -184,8 +189,10 @@ class Plan:
         Padding every window to the fullest one wastes most of the attention when flat windows
         keep a few tokens and windows on edges keep all: windows sorted by fill are cut where
         the padded cost, sum over classes of windows * slots^2, is least. Returns ``rows``
-        (total rows), ``query_index`` (M,) row of each reduced token, ``pad_rows``, and
-        ``parts``: per class (row offset, windows, slots, pos (n, S), key_bias (n, 1, 1, S)).
+        (total rows), ``query_index`` (M,) row of each reduced token, ``pad_rows``,
+        ``empty_rows`` (slots holding nothing), ``max_size`` (the largest group, an int) and
+        ``parts``: per class (row offset, windows, slots, pos (n, S), key_bias (n, 1, 1, S),
+        key_size (n, S) int: tokens behind each key slot, 1 for padding, 0 for empty slots).
         ``one_pad_slot`` as in :meth:`packing`.
         """
         key = ("buckets", one_pad_slot)
@@ -225,6 +232,7 @@ class Plan:
                     "slots": slots,
                     "pos": base,
                     "key_bias": kb[:, None, None, :],
+                    "key_size": pk["key_size"][wins, :slots],
                     "index": {},
                 }
             )
@@ -232,10 +240,16 @@ class Plan:
         n_slots = pk["n_slots"]
         pad_flat = torch.nonzero(pk["pad_slot"].reshape(-1)).squeeze(1)
         pad_rows = offset[pad_flat // n_slots] + pad_flat % n_slots
+        query_index = offset[pk["win"]] + pk["slot"]
+        filled = torch.zeros(row, dtype=torch.bool, device=dev)
+        filled[query_index] = True
+        filled[pad_rows] = True
         self._cache[key] = {
             "rows": row,
-            "query_index": offset[pk["win"]] + pk["slot"],
+            "query_index": query_index,
             "pad_rows": pad_rows,
+            "empty_rows": torch.nonzero(~filled).squeeze(1),
+            "max_size": int(self.size.max()) if self.size.numel() else 1,
             "parts": parts,
         }
         return self._cache[key]

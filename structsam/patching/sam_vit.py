@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .engine import MASKED_LOGIT, fused_attention, reduced_attention
+from .engine import MASKED_LOGIT, full_query_attention, fused_attention
 
 
 def is_sam_vit(encoder) -> bool:
@@ -91,8 +91,8 @@ def merged_forward(self, x: torch.Tensor) -> torch.Tensor:
         q = F.linear(self.norm1(x).view(-1, c), wq, bq).view(-1, heads, hd)
         kv = F.linear(self.norm1(xr), wkv, bkv).view(-1, 2, heads, hd).transpose(1, 2)
         bias = _rel_pos_bias(attn, plan.grid.win)
-        o = reduced_attention(
-            kv.reshape(-1, heads, 2 * hd), [hd, hd], plan, attn.scale, bias, pad, q=q
+        o = full_query_attention(
+            kv.reshape(-1, heads, 2 * hd), [hd, hd], plan, attn.scale, bias, pad, q
         )
         x = x + attn.proj(o.reshape(-1, c)).view(b, h, w, c)
         xr = plan.merge(x.view(b, h * w, c))
