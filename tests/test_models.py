@@ -153,6 +153,24 @@ def test_folded_matches_unfolded(lite_folded, lite_unfolded):
     assert (folded - unfolded).abs().max().item() < 1e-4
 
 
+def test_fused_gelu_equals_two_passes(lite_folded, monkeypatch):
+    # oneDNN's GELU inside the conv stage's 1x1/depthwise convs and the Mlps' fc1
+    x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+    enc = lite_folded.image_encoder
+    with torch.inference_mode():
+        assert lite_module._fuse_gelu(x)
+        fused = enc(x)
+        monkeypatch.setattr(lite_module, "_FUSED_GELU_DTYPES", ())
+        assert not lite_module._fuse_gelu(x)
+        plain = enc(x)
+    assert (fused - plain).abs().max().item() < 1e-4
+    # with autograd on, the plain path runs: the fused op has no derivative
+    monkeypatch.undo()
+    w = torch.randn(8, 4, requires_grad=True)
+    lite_module._linear_gelu(torch.randn(3, 4), w, torch.zeros(8)).sum().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("rows", [256, 37, 9])
 def test_conv_stage_in_bands_equals_one_band(lite_folded, monkeypatch, rows):
     # halo rows for the 3x3 convs, the stride-2 phase of PatchMerging, odd heights

@@ -187,15 +187,50 @@ def _linear_args(conv: nn.Conv2d):
 _gelu_ = torch.ops.aten.gelu_
 
 
+# oneDNN applies a GELU inside the matrix product or depthwise conv that makes its input, while
+# the data is still in cache, instead of a second pass over memory. fp32 keeps the same erf
+# GELU (max difference 3e-6 over the encoder); bf16 rounds once instead of twice. Measured
+# interleaved (15 rounds, 2 threads): the conv stage 104 -> 91 ms in fp32, 125 -> 114 ms in
+# bf16; in the attention blocks' Mlps it is about even (lean -10 ms, merged +-5 ms). The op has
+# no autograd or torch.compile support: both take the plain path.
+_FUSED_GELU_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _fuse_gelu(x: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype in _FUSED_GELU_DTYPES
+        and not torch.is_grad_enabled()
+        and torch.backends.mkldnn.is_available()
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _linear_gelu(x, weight, bias):
+    """gelu(linear(x)) (exact GELU)."""
+    if _fuse_gelu(x):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
+    return _gelu_(nn.functional.linear(x, weight, bias))
+
+
 def _nhwc_patch_embed(self, x):
     s = self.seq
-    h = _gelu_(nn.functional.linear(x.permute(0, 2, 3, 1), *_linear_args(s[0])))
+    h = _linear_gelu(x.permute(0, 2, 3, 1), *_linear_args(s[0]))
     return nn.functional.linear(h, *_linear_args(s[2]))
 
 
-def _nhwc_dwconv(conv: nn.Conv2d, h):
-    # a channels-last view in, a channels-last result out: no copies
-    return conv(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+def _nhwc_dwconv_gelu(conv: nn.Conv2d, h):
+    """gelu(conv(h)) for a (B, H, W, C) ``h``: a channels-last view in, a channels-last
+    result out, no copies."""
+    x = h.permute(0, 3, 1, 2)
+    if _fuse_gelu(x):
+        c = conv
+        y = torch.ops.mkldnn._convolution_pointwise(
+            x, c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups, "gelu", [], "none"
+        )
+    else:
+        y = _gelu_(conv(x))
+    return y.permute(0, 2, 3, 1)
 
 
 # The expanded activations (256 x 256 x 256 fp32: 64 MB) are computed in bands of rows: glibc
@@ -219,8 +254,8 @@ def _mbconv(blk, h):
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         a0, a1 = max(0, r0 - 1), min(rows, r1 + 1)
-        t = _gelu_(linear(h[:, a0:a1], *_linear_args(blk.conv1)))
-        t = _gelu_(_nhwc_dwconv(blk.conv2, t))[:, r0 - a0 : r1 - a0]
+        t = _linear_gelu(h[:, a0:a1], *_linear_args(blk.conv1))
+        t = _nhwc_dwconv_gelu(blk.conv2, t)[:, r0 - a0 : r1 - a0]
         out[:, r0:r1] = _gelu_(linear(t, *_linear_args(blk.conv3)).add_(h[:, r0:r1]))
     return out
 
@@ -238,8 +273,8 @@ def _patch_merging(d, h):
     for o0 in range(0, out_rows, step):
         o1 = min(out_rows, o0 + step)
         a0 = max(0, 2 * o0 - 2)
-        t = _gelu_(linear(h[:, a0 : min(rows, 2 * o1)], *_linear_args(d.conv1)))
-        t = _gelu_(_nhwc_dwconv(d.conv2, t))[:, (o0 - a0 // 2) :]
+        t = _linear_gelu(h[:, a0 : min(rows, 2 * o1)], *_linear_args(d.conv1))
+        t = _nhwc_dwconv_gelu(d.conv2, t)[:, (o0 - a0 // 2) :]
         parts.append(linear(t[:, : o1 - o0], *_linear_args(d.conv3)))
     t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     return t.reshape(t.shape[0], -1, t.shape[-1])
@@ -252,9 +287,9 @@ def _nhwc_conv_layer(self, h):
 
 
 def _mlp_gelu_in_place(self, x):
-    # TinyViT's Mlp with its GELU in place (dropout is 0 at inference): dense and merged blocks
-    # alike, so the dense baseline gets the same saving
-    return self.fc2(_gelu_(self.fc1(self.norm(x))))
+    # TinyViT's Mlp with its GELU in place or fused (dropout is 0 at inference): dense and
+    # merged blocks alike, so the dense baseline gets the same saving
+    return self.fc2(_linear_gelu(self.norm(x), self.fc1.weight, self.fc1.bias))
 
 
 def gelu_in_place_mlps(encoder) -> int:
