@@ -19,6 +19,7 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from structsam.errors import CheckpointError, StructSAMError
 from structsam.models import (
@@ -164,6 +165,14 @@ def test_fused_gelu_equals_two_passes(lite_folded, monkeypatch):
         assert not lite_module._fuse_gelu(x)
         plain = enc(x)
     assert (fused - plain).abs().max().item() < 1e-4
+    # FLOP counters see the fused products (calibration is by FLOPs)
+    counts = []
+    for dtypes in ((torch.float32,), ()):
+        monkeypatch.setattr(lite_module, "_FUSED_GELU_DTYPES", dtypes)
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            enc(x)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 7e10
     # with autograd on, the plain path runs: the fused op has no derivative
     monkeypatch.undo()
     w = torch.randn(8, 4, requires_grad=True)
