@@ -226,6 +226,7 @@ def load_model(
         litemedsam.channels_last_conv_stage(model.image_encoder)
         litemedsam.gelu_in_place_mlps(model.image_encoder)
         litemedsam.channels_last_local_convs(model.image_encoder)
+        litemedsam.channels_last_neck(model.image_encoder)
         folded = True
 
     # eval() must come after loading: TinyViT's Attention builds its `ab` bias buffer from the
