@@ -259,9 +259,11 @@ def _nhwc_dwconv_gelu(conv: nn.Conv2d, h):
 # The expanded activations (256 x 256 x 256 fp32: 64 MB) are computed in bands of rows: glibc
 # serves blocks over 32 MB by a fresh mmap on every call, whose page faults cost more than the
 # arithmetic (the 1x1 conv's bias copy into a fresh 64 MB output: 12 ms), while a band's
-# ~17 MB is reused from the heap. The 3x3 depthwise conv reads one halo row above and below
+# few MB is reused from the heap. The 3x3 depthwise conv reads one halo row above and below
 # each band. Interleaved, 10 rounds: dense encoder 584 -> 497 ms with 4 bands (8: 517 ms).
-_BAND_BYTES = 16 * 2**20
+# With the fused GELU/sum ops, smaller bands pay (conv stage, 15 rounds, fp32 / bf16):
+# 16 MB 113 / 107 ms, 10 MB 76 / 104, 6 MB 78 / 99, 4 MB 82 / 100; 1 MB was worse (131 ms).
+_BAND_BYTES = 6 * 2**20
 
 
 def _n_bands(h: torch.Tensor, channels: int) -> int:
