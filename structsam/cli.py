@@ -501,7 +501,7 @@ def _add_segment(sub) -> None:
         "--rate",
         type=float,
         default=DEFAULT_RATE,
-        help=f"merge rate ({DEFAULT_RATE}: about 30%% fewer FLOPs)",
+        help=f"merge rate ({DEFAULT_RATE}: about 35%% fewer FLOPs)",
     )
     seg.add_argument("--prompt-aware", action="store_true", help="protect the prompt region")
     seg.add_argument("--slice", type=int, default=None, help="slice index of a 3D volume")
