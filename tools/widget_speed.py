@@ -1,6 +1,6 @@
 """Encode times inside napari: the widget's merged encode against its unmerged one.
 
-    python tools/widget_speed.py [--rounds 6] [--rate 0.33]
+    python tools/widget_speed.py [--rounds 6] [--rate 0.38]
 
 Drives the real widget on the MNI152 volume (as ``structsam annotate`` opens it), disk cache
 off: each round moves to a fresh slice and encodes it unmerged (rate 0) and merged (in
