@@ -198,22 +198,39 @@ _gelu_ = torch.ops.aten.gelu_
 _FUSED_GELU_DTYPES = (torch.float32, torch.bfloat16)
 
 
-# FLOP counters must see the fused ops as the products they are (calibration counts FLOPs)
-@register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+def _mkldnn_op(name: str):
+    """``torch.ops.mkldnn.<name>``, or None where this torch build lacks it."""
+    try:
+        return getattr(torch.ops.mkldnn, name)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_LINEAR_POINTWISE = _mkldnn_op("_linear_pointwise")
+_CONV_POINTWISE = _mkldnn_op("_convolution_pointwise")
+
+
 def _linear_pointwise_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * math.prod(x_shape) * out_shape[-1]
 
 
-@register_flop_formula(torch.ops.mkldnn._convolution_pointwise)
 def _conv_pointwise_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
     # (X, W, ...) or, for the binary overload, (X, other, W, ...)
     w_shape = args[1] if tuple(args[0]) == tuple(out_shape) else args[0]
     return 2 * math.prod(out_shape) * math.prod(w_shape[1:])
 
 
+# FLOP counters must see the fused ops as the products they are (calibration counts FLOPs)
+if _LINEAR_POINTWISE is not None and _CONV_POINTWISE is not None:
+    register_flop_formula(_LINEAR_POINTWISE)(_linear_pointwise_flops)
+    register_flop_formula(_CONV_POINTWISE)(_conv_pointwise_flops)
+
+
 def _fuse_gelu(x: torch.Tensor) -> bool:
     return (
-        x.device.type == "cpu"
+        _LINEAR_POINTWISE is not None
+        and _CONV_POINTWISE is not None
+        and x.device.type == "cpu"
         and x.dtype in _FUSED_GELU_DTYPES
         and not torch.is_grad_enabled()
         and torch.backends.mkldnn.is_available()
@@ -224,7 +241,7 @@ def _fuse_gelu(x: torch.Tensor) -> bool:
 def _linear_gelu(x, weight, bias):
     """gelu(linear(x)) (exact GELU)."""
     if _fuse_gelu(x):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
+        return _LINEAR_POINTWISE(x, weight, bias, "gelu", [], "none")
     return _gelu_(nn.functional.linear(x, weight, bias))
 
 
@@ -232,7 +249,7 @@ def _linear_add(x, weight, bias, other):
     """linear(x) + other, the sum fused into the product where GELU is (2.6 -> 2.2 ms per
     conv-stage band in fp32)."""
     if _fuse_gelu(x):
-        return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, bias, "add")
+        return _LINEAR_POINTWISE.binary(x, other, weight, bias, "add")
     return nn.functional.linear(x, weight, bias).add_(other)
 
 
@@ -248,7 +265,7 @@ def _nhwc_dwconv_gelu(conv: nn.Conv2d, h):
     x = h.permute(0, 3, 1, 2)
     if _fuse_gelu(x):
         c = conv
-        y = torch.ops.mkldnn._convolution_pointwise(
+        y = _CONV_POINTWISE(
             x, c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups, "gelu", [], "none"
         )
     else:
