@@ -89,6 +89,13 @@ class Plan:
         return self._cache["mean_matrix"]
 
     @property
+    def max_size(self) -> int:
+        """Tokens in the largest group (one host sync, cached)."""
+        if "max_size" not in self._cache:
+            self._cache["max_size"] = int(self.size.max())
+        return self._cache["max_size"]
+
+    @property
     def inv_size(self) -> torch.Tensor:
         if "inv_size" not in self._cache:
             self._cache["inv_size"] = 1.0 / self.size
@@ -149,8 +156,6 @@ class Plan:
         pos[query_index] = g.local_pos[rep_pos]
         valid = torch.zeros(n_win_total * n_slots, dtype=torch.bool, device=dev)
         valid[query_index] = True
-        log_size = torch.zeros(n_win_total * n_slots, device=dev)
-        log_size[query_index] = torch.log(self.size)
         key_size = torch.zeros(n_win_total * n_slots, dtype=torch.int32, device=dev)
         key_size[query_index] = self.size.to(torch.int32)
         pad_slot = torch.zeros(n_win_total * n_slots, dtype=torch.bool, device=dev)
@@ -168,6 +173,7 @@ class Plan:
             pad_slot[pidx] = True
             key_size[pidx] = 1
         shape = (n_win_total, n_slots)
+        log_size = key_size.clamp(min=1).float().log()  # 0 for padding and empty slots
         self._cache[key] = {
             "n_slots": n_slots,
             "query_index": query_index,
@@ -190,9 +196,9 @@ class Plan:
         keep a few tokens and windows on edges keep all: windows sorted by fill are cut where
         the padded cost, sum over classes of windows * slots^2, is least. Returns ``rows``
         (total rows), ``query_index`` (M,) row of each reduced token, ``pad_rows``,
-        ``empty_rows`` (slots holding nothing), ``max_size`` (the largest group, an int) and
-        ``parts``: per class (row offset, windows, slots, pos (n, S), key_bias (n, 1, 1, S),
-        key_size (n, S) int: tokens behind each key slot, 1 for padding, 0 for empty slots).
+        ``empty_rows`` (slots holding nothing) and ``parts``: per class (row offset, windows,
+        slots, pos (n, S), key_bias (n, 1, 1, S), key_size (n, S) int: tokens behind each key
+        slot, 1 for padding, 0 for empty slots).
         ``one_pad_slot`` as in :meth:`packing`.
         """
         key = ("buckets", one_pad_slot)
@@ -249,7 +255,6 @@ class Plan:
             "query_index": query_index,
             "pad_rows": pad_rows,
             "empty_rows": torch.nonzero(~filled).squeeze(1),
-            "max_size": int(self.size.max()) if self.size.numel() else 1,
             "parts": parts,
         }
         return self._cache[key]

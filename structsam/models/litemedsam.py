@@ -220,20 +220,23 @@ def _conv_pointwise_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * math.prod(out_shape) * math.prod(w_shape[1:])
 
 
+_HAS_FUSED_OPS = (
+    _LINEAR_POINTWISE is not None
+    and _CONV_POINTWISE is not None
+    and torch.backends.mkldnn.is_available()
+)
 # FLOP counters must see the fused ops as the products they are (calibration counts FLOPs)
-if _LINEAR_POINTWISE is not None and _CONV_POINTWISE is not None:
+if _HAS_FUSED_OPS:
     register_flop_formula(_LINEAR_POINTWISE)(_linear_pointwise_flops)
     register_flop_formula(_CONV_POINTWISE)(_conv_pointwise_flops)
 
 
 def _fuse_gelu(x: torch.Tensor) -> bool:
     return (
-        _LINEAR_POINTWISE is not None
-        and _CONV_POINTWISE is not None
+        _HAS_FUSED_OPS
         and x.device.type == "cpu"
         and x.dtype in _FUSED_GELU_DTYPES
         and not torch.is_grad_enabled()
-        and torch.backends.mkldnn.is_available()
         and not torch.compiler.is_compiling()
     )
 
@@ -361,8 +364,8 @@ def channels_last_conv_stage(encoder) -> None:
 def _nhwc_neck(self, x):
     """The neck (1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d) on a channels-last ``x``, each
     LayerNorm2d as one ``layer_norm`` over the channels-last rows: the same normalisation
-    (biased variance, the module's eps) in one pass where LayerNorm2d takes eight (two of
-    them: 12.7 -> about 2 ms)."""
+    (biased variance, the module's eps) in one pass where LayerNorm2d takes eight (the two
+    LayerNorms: 12.7 -> 0.9 ms)."""
     conv1, norm1, conv2, norm2 = self
     for conv, norm in ((conv1, norm1), (conv2, norm2)):
         y = conv(x).permute(0, 2, 3, 1)

