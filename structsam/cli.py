@@ -274,6 +274,7 @@ def cmd_speed(args) -> int:
         rounds=args.rounds,
         method=args.method,
         compile=args.compile,
+        allocator=args.allocator,
     )
     (out / "speed.json").write_text(json.dumps(res, indent=1, default=float))
     (out / "speed.md").write_text(speed_table(res))
@@ -624,6 +625,13 @@ def build_parser(extra_commands=()) -> argparse.ArgumentParser:
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--rounds", type=int, default=5)
     sp.add_argument("--threads", type=int, default=2)
+    sp.add_argument(
+        "--allocator",
+        choices=("steady", "default"),
+        default="steady",
+        help="steady: glibc keeps freed memory, so no variant pays page faults that depend on "
+        "what ran before it; default: as a plain process runs",
+    )
     sp.add_argument("--out", default="speed_out")
     sp.set_defaults(func=cmd_speed)
     be = sub.add_parser(

@@ -38,6 +38,19 @@ def test_speed_command_smoke(tmp_path):
     text = (out / "speed.md").read_text()
     for name in ("published", "shipped default", "stock", "lean", "merged -30%"):
         assert f"| {name}" in text
+    # glibc here: the allocator is held steady unless asked otherwise, and the table says so
+    assert "**litemedsam** (allocator: steady)" in text
+
+
+def test_steady_allocator_takes_effect_under_glibc():
+    import platform
+
+    from structsam.speed import speed_report, steady_allocator
+
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert steady_allocator() is glibc
+    with pytest.raises(ValueError, match="allocator must be 'steady' or 'default'"):
+        speed_report(models=(), allocator="jemalloc")
 
 
 @pytest.mark.slow
