@@ -155,11 +155,13 @@ def test_folded_matches_unfolded(lite_folded, lite_unfolded):
 
 
 def test_fused_gelu_equals_two_passes(lite_folded, monkeypatch):
-    # oneDNN's GELU inside the conv stage's 1x1/depthwise convs and the Mlps' fc1
+    # oneDNN's GELU inside the conv stage's 1x1/depthwise convs and the Mlps' fc1, and the
+    # blocks' other Linears (qkv, proj, fc2) through oneDNN
     if not lite_module._HAS_FUSED_OPS:
         pytest.skip("this torch build has no oneDNN fused ops")
     x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(1))
     enc = lite_folded.image_encoder
+    assert type(enc.layers[2].blocks[0].attn.qkv).__name__ == "OneDnnLinear"
     with torch.inference_mode():
         assert lite_module._fuse_gelu(x)
         fused = enc(x)

@@ -336,6 +336,29 @@ def _mlp_gelu_in_place(self, x):
     return self.fc2(_linear_gelu(self.norm(x), self.fc1.weight, self.fc1.bias))
 
 
+def _onednn_linear(self, x):
+    # aten's CPU addmm first copies the bias into the whole output and then accumulates the
+    # product onto it; oneDNN adds the bias inside the product. (10180, 128) x (128, 384): 3.7
+    # against 3.0 ms, the copy 43 % of addmm's profile.
+    if _fuse_gelu(x):
+        return _LINEAR_POINTWISE(x, self.weight, self.bias, "none", [], "")
+    return nn.functional.linear(x, self.weight, self.bias)
+
+
+def onednn_block_linears(encoder) -> int:
+    """Run the attention blocks' other Linears (qkv, proj, the Mlp's fc2) through oneDNN on
+    CPU inference, dense and merged alike; returns how many."""
+    linears = [
+        m
+        for layer in encoder.layers[1:]
+        for blk in layer.blocks
+        for m in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc2)
+    ]
+    for lin in linears:
+        swap_class(lin, _onednn_linear, "OneDnn")
+    return len(linears)
+
+
 def gelu_in_place_mlps(encoder) -> int:
     """Give every attention block's Mlp an in-place GELU (inference only); returns how many."""
     mlps = [blk.mlp for layer in encoder.layers[1:] for blk in layer.blocks]

