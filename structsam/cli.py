@@ -595,12 +595,7 @@ def _add_bench_3d(sub) -> None:
     b3.set_defaults(func=cmd_bench_3d)
 
 
-def build_parser(extra_commands=()) -> argparse.ArgumentParser:
-    """The parser of every command; ``extra_commands``: commands (:class:`Command`) added by
-    packages above structsam (the napari plugin's ``annotate``)."""
-    parser = _Parser(prog="structsam", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_segment(sub)
+def _add_evaluate(sub) -> None:
     ev = sub.add_parser(
         "evaluate", help="a preset of bench: one method, both modes, cuts 10-40 %%, no timing"
     )
@@ -614,6 +609,9 @@ def build_parser(extra_commands=()) -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=int, default=2)
     ev.add_argument("--out", default="eval_out")
     ev.set_defaults(func=cmd_evaluate)
+
+
+def _add_speed(sub) -> None:
     sp = sub.add_parser(
         "speed", help="encoder wall-clock: merged against the fastest dense encoder, interleaved"
     )
@@ -634,6 +632,16 @@ def build_parser(extra_commands=()) -> argparse.ArgumentParser:
     )
     sp.add_argument("--out", default="speed_out")
     sp.set_defaults(func=cmd_speed)
+
+
+def build_parser(extra_commands=()) -> argparse.ArgumentParser:
+    """The parser of every command; ``extra_commands``: commands (:class:`Command`) added by
+    packages above structsam (the napari plugin's ``annotate``)."""
+    parser = _Parser(prog="structsam", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_segment(sub)
+    _add_evaluate(sub)
+    _add_speed(sub)
     be = sub.add_parser(
         "bench", help="all merge methods against the unmerged encoder, at matched FLOPs"
     )

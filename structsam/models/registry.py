@@ -161,6 +161,19 @@ def compile_static_parts(model) -> None:
     model.compiled = True
 
 
+def _fold_tinyvit(encoder) -> None:
+    """``load_model(fold_batchnorm=True)`` for LiteMedSAM: BatchNorm folded into the convs, the
+    CPU layouts and the oneDNN-fused ops (same outputs up to float rounding)."""
+    from . import litemedsam
+
+    litemedsam.fold_conv_bn(encoder)
+    litemedsam.channels_last_conv_stage(encoder)
+    litemedsam.gelu_in_place_mlps(encoder)
+    litemedsam.onednn_block_linears(encoder)
+    litemedsam.channels_last_local_convs(encoder)
+    litemedsam.channels_last_neck(encoder)
+
+
 def load_model(
     name: str = "litemedsam",
     checkpoint: str | os.PathLike | None = None,
@@ -222,15 +235,9 @@ def load_model(
         checkpoints.check_state_dict(model, state, path, spec.name)
         model.load_state_dict(state, strict=True)
 
-    folded = False
-    if fold_batchnorm and spec.family == "tinyvit":
-        litemedsam.fold_conv_bn(model.image_encoder)
-        litemedsam.channels_last_conv_stage(model.image_encoder)
-        litemedsam.gelu_in_place_mlps(model.image_encoder)
-        litemedsam.onednn_block_linears(model.image_encoder)
-        litemedsam.channels_last_local_convs(model.image_encoder)
-        litemedsam.channels_last_neck(model.image_encoder)
-        folded = True
+    folded = fold_batchnorm and spec.family == "tinyvit"
+    if folded:
+        _fold_tinyvit(model.image_encoder)
 
     # eval() must come after loading: TinyViT's Attention builds its `ab` bias buffer from the
     # weights present at that moment.
