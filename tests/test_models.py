@@ -163,16 +163,16 @@ def test_fused_gelu_equals_two_passes(lite_folded, monkeypatch):
     enc = lite_folded.image_encoder
     assert type(enc.layers[2].blocks[0].attn.qkv).__name__ == "OneDnnLinear"
     with torch.inference_mode():
-        assert lite_module._fuse_gelu(x)
+        assert lite_module._use_onednn(x)
         fused = enc(x)
-        monkeypatch.setattr(lite_module, "_FUSED_GELU_DTYPES", ())
-        assert not lite_module._fuse_gelu(x)
+        monkeypatch.setattr(lite_module, "_ONEDNN_DTYPES", ())
+        assert not lite_module._use_onednn(x)
         plain = enc(x)
     assert (fused - plain).abs().max().item() < 1e-4
     # FLOP counters see the fused products (calibration is by FLOPs)
     counts = []
     for dtypes in ((torch.float32,), ()):
-        monkeypatch.setattr(lite_module, "_FUSED_GELU_DTYPES", dtypes)
+        monkeypatch.setattr(lite_module, "_ONEDNN_DTYPES", dtypes)
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             enc(x)
         counts.append(counter.get_total_flops())

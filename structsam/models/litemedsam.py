@@ -195,7 +195,7 @@ _gelu_ = torch.ops.aten.gelu_
 # interleaved (15 rounds, 2 threads): the conv stage 104 -> 91 ms in fp32, 125 -> 114 ms in
 # bf16; in the attention blocks' Mlps it is about even (lean -10 ms, merged +-5 ms). The op has
 # no autograd or torch.compile support: both take the plain path.
-_FUSED_GELU_DTYPES = (torch.float32, torch.bfloat16)
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _mkldnn_op(name: str):
@@ -231,11 +231,13 @@ if _HAS_FUSED_OPS:
     register_flop_formula(_CONV_POINTWISE)(_conv_pointwise_flops)
 
 
-def _fuse_gelu(x: torch.Tensor) -> bool:
+def _use_onednn(x: torch.Tensor) -> bool:
+    """Whether ``x`` takes oneDNN's fused ops (GELU or sum inside the product, bias in the GEMM):
+    CPU inference in fp32 or bf16, outside autograd and torch.compile."""
     return (
         _HAS_FUSED_OPS
         and x.device.type == "cpu"
-        and x.dtype in _FUSED_GELU_DTYPES
+        and x.dtype in _ONEDNN_DTYPES
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
     )
@@ -243,7 +245,7 @@ def _fuse_gelu(x: torch.Tensor) -> bool:
 
 def _linear_gelu(x, weight, bias):
     """gelu(linear(x)) (exact GELU)."""
-    if _fuse_gelu(x):
+    if _use_onednn(x):
         return _LINEAR_POINTWISE(x, weight, bias, "gelu", [], "none")
     return _gelu_(nn.functional.linear(x, weight, bias))
 
@@ -251,7 +253,7 @@ def _linear_gelu(x, weight, bias):
 def _linear_add(x, weight, bias, other):
     """linear(x) + other, the sum fused into the product where GELU is (2.6 -> 2.2 ms per
     conv-stage band in fp32)."""
-    if _fuse_gelu(x):
+    if _use_onednn(x):
         return _LINEAR_POINTWISE.binary(x, other, weight, bias, "add")
     return nn.functional.linear(x, weight, bias).add_(other)
 
@@ -266,7 +268,7 @@ def _nhwc_dwconv_gelu(conv: nn.Conv2d, h):
     """gelu(conv(h)) for a (B, H, W, C) ``h``: a channels-last view in, a channels-last
     result out, no copies."""
     x = h.permute(0, 3, 1, 2)
-    if _fuse_gelu(x):
+    if _use_onednn(x):
         c = conv
         y = _CONV_POINTWISE(
             x, c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups, "gelu", [], "none"
@@ -340,7 +342,7 @@ def _onednn_linear(self, x):
     # aten's CPU addmm first copies the bias into the whole output and then accumulates the
     # product onto it; oneDNN adds the bias inside the product. (10180, 128) x (128, 384): 3.7
     # against 3.0 ms, the copy 43 % of addmm's profile.
-    if _fuse_gelu(x):
+    if _use_onednn(x):
         return _LINEAR_POINTWISE(x, self.weight, self.bias, "none", [], "")
     return nn.functional.linear(x, self.weight, self.bias)
 

@@ -235,7 +235,7 @@ def load_model(
         checkpoints.check_state_dict(model, state, path, spec.name)
         model.load_state_dict(state, strict=True)
 
-    folded = fold_batchnorm and spec.family == "tinyvit"
+    folded = bool(fold_batchnorm) and spec.family == "tinyvit"
     if folded:
         _fold_tinyvit(model.image_encoder)
 
