@@ -243,6 +243,15 @@ def _use_onednn(x: torch.Tensor) -> bool:
     )
 
 
+def _linear(x, weight, bias):
+    """linear(x), the bias added inside oneDNN's product: aten's CPU addmm first copies the bias
+    into the whole output and then accumulates onto it ((10180, 128) x (128, 384): 3.7 against
+    3.0 ms, the copy 43 % of addmm's profile)."""
+    if _use_onednn(x):
+        return _LINEAR_POINTWISE(x, weight, bias, "none", [], "")
+    return nn.functional.linear(x, weight, bias)
+
+
 def _linear_gelu(x, weight, bias):
     """gelu(linear(x)) (exact GELU)."""
     if _use_onednn(x):
@@ -261,7 +270,7 @@ def _linear_add(x, weight, bias, other):
 def _nhwc_patch_embed(self, x):
     s = self.seq
     h = _linear_gelu(x.permute(0, 2, 3, 1), *_linear_args(s[0]))
-    return nn.functional.linear(h, *_linear_args(s[2]))
+    return _linear(h, *_linear_args(s[2]))
 
 
 def _nhwc_dwconv_gelu(conv: nn.Conv2d, h):
@@ -311,7 +320,6 @@ def _patch_merging(d, h):
     output rows: output row o reads input rows 2o-1..2o+1, so a band starting at output row
     o0 > 0 starts two input rows early (even, to keep the stride's phase) and drops its first
     output row."""
-    linear = nn.functional.linear
     rows = h.shape[1]
     out_rows = -(-rows // 2)
     step = -(-out_rows // _n_bands(h, d.conv1.out_channels))
@@ -321,7 +329,7 @@ def _patch_merging(d, h):
         a0 = max(0, 2 * o0 - 2)
         t = _linear_gelu(h[:, a0 : min(rows, 2 * o1)], *_linear_args(d.conv1))
         t = _nhwc_dwconv_gelu(d.conv2, t)[:, (o0 - a0 // 2) :]
-        parts.append(linear(t[:, : o1 - o0], *_linear_args(d.conv3)))
+        parts.append(_linear(t[:, : o1 - o0], *_linear_args(d.conv3)))
     t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     return t.reshape(t.shape[0], -1, t.shape[-1])
 
@@ -338,23 +346,20 @@ def _mlp_gelu_in_place(self, x):
     return self.fc2(_linear_gelu(self.norm(x), self.fc1.weight, self.fc1.bias))
 
 
+def _attention_blocks(encoder) -> list:
+    """TinyViT's attention blocks (every stage after the conv stage)."""
+    return [blk for layer in encoder.layers[1:] for blk in layer.blocks]
+
+
 def _onednn_linear(self, x):
-    # aten's CPU addmm first copies the bias into the whole output and then accumulates the
-    # product onto it; oneDNN adds the bias inside the product. (10180, 128) x (128, 384): 3.7
-    # against 3.0 ms, the copy 43 % of addmm's profile.
-    if _use_onednn(x):
-        return _LINEAR_POINTWISE(x, self.weight, self.bias, "none", [], "")
-    return nn.functional.linear(x, self.weight, self.bias)
+    return _linear(x, self.weight, self.bias)
 
 
 def onednn_block_linears(encoder) -> int:
     """Run the attention blocks' other Linears (qkv, proj, the Mlp's fc2) through oneDNN on
-    CPU inference, dense and merged alike; returns how many."""
+    CPU inference (:func:`_linear`), dense and merged alike; returns how many."""
     linears = [
-        m
-        for layer in encoder.layers[1:]
-        for blk in layer.blocks
-        for m in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc2)
+        m for blk in _attention_blocks(encoder) for m in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc2)
     ]
     for lin in linears:
         swap_class(lin, _onednn_linear, "OneDnn")
@@ -363,7 +368,7 @@ def onednn_block_linears(encoder) -> int:
 
 def gelu_in_place_mlps(encoder) -> int:
     """Give every attention block's Mlp an in-place GELU (inference only); returns how many."""
-    mlps = [blk.mlp for layer in encoder.layers[1:] for blk in layer.blocks]
+    mlps = [blk.mlp for blk in _attention_blocks(encoder)]
     for mlp in mlps:
         if not isinstance(mlp.act, nn.GELU) or mlp.act.approximate != "none":
             raise ValueError(f"expected an exact GELU in TinyViT's Mlp, got {mlp.act}")
@@ -420,7 +425,7 @@ def channels_last_local_convs(encoder) -> int:
     LayerNorm, the residual adds and merging each copy or stride through. Channels-last
     weights keep the output channels-last, so (B, N, C) stays contiguous (dense and merged).
     """
-    convs = [blk.local_conv for layer in encoder.layers[1:] for blk in layer.blocks]
+    convs = [blk.local_conv for blk in _attention_blocks(encoder)]
     for conv in convs:
         conv.to(memory_format=torch.channels_last)
     return len(convs)
