@@ -2,6 +2,7 @@
 one small end-to-end run."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -172,6 +173,19 @@ def test_verdicts_name_the_best_rival_and_the_cases_behind_a_loss():
     assert "NOT first" in line and "largest deficits: y" in line
     mean, se, n = paired(res, res["settings"][0], res["settings"][1], "fidelity")
     assert mean == pytest.approx(-3.5) and se == pytest.approx(0.5) and n == 2
+
+
+def test_plots_without_spectral_cases_warn_nothing_and_skip_the_empty_picture(tmp_path):
+    res = _fake(0.95, 0.93)
+    res["model"] = "litemedsam"
+    for s in res["settings"]:
+        s.update(dice=s["fidelity"], spectral_global=float("nan"), spectral_window=float("nan"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels" among them
+        bench_plots([res], tmp_path / "bench.png")
+        spectral_plot([res], tmp_path / "spectral.png")
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+    assert not (tmp_path / "spectral.png").exists()
 
 
 @pytest.mark.slow

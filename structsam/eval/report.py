@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 OURS = "structsam"
@@ -167,7 +169,9 @@ def bench_plots(results: list[dict], path) -> None:
             if key in ("fidelity", "dice") and not res["quality"]:
                 ax.set_visible(False)
                 continue
-            _plot_curves(ax, res["settings"], key, colours)
+            if not _plot_curves(ax, res["settings"], key, colours):
+                ax.set_visible(False)  # e.g. no spectral cases were run
+                continue
             if key.startswith("spectral"):
                 ax.set_yscale("log")
             ax.set(xlabel="encoder FLOPs cut (%)", title=f"{res['model']}: {title}")
@@ -178,18 +182,30 @@ def bench_plots(results: list[dict], path) -> None:
     plt.close(fig)
 
 
-def _plot_curves(ax, settings: list[dict], key: str, colours: dict) -> None:
-    """One line per method and mode (prompt-aware dashed): ``key`` against the FLOPs cut."""
+def _plot_curves(ax, settings: list[dict], key: str, colours: dict) -> bool:
+    """One line per method and mode (prompt-aware dashed): ``key`` against the FLOPs cut.
+    Settings without a finite ``key`` are left out; returns whether anything was drawn."""
+    drawn = False
     for method, colour in colours.items():
         for mode, style in (("plain", "-"), ("prompt", "--")):
             pts = sorted(
-                (s for s in settings if s["method"] == method and s["mode"] == mode and key in s),
+                (
+                    s
+                    for s in settings
+                    if s["method"] == method and s["mode"] == mode and _finite(s.get(key))
+                ),
                 key=lambda s: s["flops_cut"],
             )
             if pts:
                 label = method + (" (prompt-aware)" if mode == "prompt" else "")
                 xs = [100 * s["flops_cut"] for s in pts]
                 ax.plot(xs, [s[key] for s in pts], ls=style, marker="o", color=colour, label=label)
+                drawn = True
+    return drawn
+
+
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
 
 
 def spectral_plot(results: list[dict], path) -> None:
@@ -201,10 +217,13 @@ def spectral_plot(results: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
     res = results[0]
+    keys = ("spectral_global", "spectral_window")
+    if not any(_finite(s.get(k)) for s in res["settings"] for k in keys):
+        return  # no spectral cases were run: no empty picture
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     methods = sorted({s["method"] for s in res["settings"]})
     colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
-    for ax, key in zip(axes, ("spectral_global", "spectral_window"), strict=True):
+    for ax, key in zip(axes, keys, strict=True):
         _plot_curves(ax, res["settings"], key, colours)
         where = "whole grid" if key == "spectral_global" else "per attention window"
         ax.set(
