@@ -7,6 +7,7 @@ command line (:class:`structsam.cli.Command`); structsam never imports the plugi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -40,7 +41,19 @@ def commands() -> tuple:
     )
 
 
+def release_passive_openmp(argv: list[str]) -> None:
+    """Every command but ``annotate`` runs as a plain Python process does: the package set
+    ``OMP_WAIT_POLICY=PASSIVE`` for napari's render threads, and passive OpenMP threads wake up
+    late for each of the encoder's many small parallel regions. Must run before torch loads."""
+    import napari_structsam
+
+    if napari_structsam.OMP_PASSIVE_SET_HERE and (not argv or argv[0] != "annotate"):
+        os.environ.pop("OMP_WAIT_POLICY", None)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    release_passive_openmp(argv)
     from structsam.cli import main as structsam_main
 
     return structsam_main(argv, extra_commands=commands())

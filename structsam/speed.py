@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -204,6 +205,8 @@ def speed_report(
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "allocator": allocator,
+        # napari_structsam sets PASSIVE for napari; it slowed every variant here (see _cli)
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
         "image": f"MNI152 T1 {SPEED_IMAGE[0]} slice {SPEED_IMAGE[1]}",
         "rounds": rounds,
         "models": {},
@@ -215,17 +218,19 @@ def speed_report(
         time_variants(variants, x, dev, rounds)
         dense = next(v.flops for v in variants if v.name == "lean")
         out["models"][name] = summarize(variants, dense)
-        log(speed_table({"allocator": allocator, "models": {name: out["models"][name]}}))
+        log(speed_table({**out, "models": {name: out["models"][name]}}))
         del variants
     return out
 
 
 def speed_table(res: dict) -> str:
     lines = []
-    allocator = res.get("allocator")
+    setup = [f"allocator: {res['allocator']}"] if res.get("allocator") else []
+    if res.get("omp_wait_policy"):
+        setup.append(f"OMP_WAIT_POLICY: {res['omp_wait_policy']}")
     for name, rows in res["models"].items():
         lines += [
-            f"\n**{name}**" + (f" (allocator: {allocator})" if allocator else "") + "\n",
+            f"\n**{name}**" + (f" ({'; '.join(setup)})" if setup else "") + "\n",
             "| variant | precision | compiled | rate | GFLOP | FLOPs cut | median s (min-max) "
             "| vs fastest dense | vs published |",
             "|---|---|---|---|---|---|---|---|---|",

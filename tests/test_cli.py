@@ -1,5 +1,8 @@
 """The command line on real files."""
 
+import os
+import subprocess
+import sys
 import time
 
 import nibabel as nib
@@ -226,3 +229,28 @@ def test_segment_reads_a_dicom_folder(tmp_path, capsys):
     assert mask.shape == canonical.shape
     assert mask[0].sum() == 0 and mask[2].sum() == 0
     assert dice(mask[1] > 0, case.mask) > 0.9
+
+
+@pytest.mark.parametrize(
+    ("user", "command", "expected"),
+    [
+        (None, "speed", "unset"),  # the package's PASSIVE is for napari only
+        (None, "annotate", "PASSIVE"),
+        ("ACTIVE", "speed", "ACTIVE"),  # a user's own setting always wins
+        ("PASSIVE", "speed", "PASSIVE"),
+    ],
+)
+def test_console_script_keeps_passive_openmp_for_annotate_only(user, command, expected):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if user:
+        env["OMP_WAIT_POLICY"] = user
+    code = (
+        "import os, sys\n"
+        "from napari_structsam._cli import release_passive_openmp\n"
+        f"release_passive_openmp([{command!r}])\n"
+        "assert 'torch' not in sys.modules  # before torch loads its OpenMP runtime\n"
+        "print(os.environ.get('OMP_WAIT_POLICY', 'unset'))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == expected

@@ -250,11 +250,14 @@ class Plan:
         filled = torch.zeros(row, dtype=torch.bool, device=dev)
         filled[query_index] = True
         filled[pad_rows] = True
+        row_source = torch.zeros(row, dtype=torch.long, device=dev)
+        row_source[query_index] = torch.arange(query_index.numel(), device=dev)
         self._cache[key] = {
             "rows": row,
             "query_index": query_index,
             "pad_rows": pad_rows,
             "empty_rows": torch.nonzero(~filled).squeeze(1),
+            "row_source": row_source,
             "parts": parts,
         }
         return self._cache[key]

@@ -378,13 +378,13 @@ def reduced_attention(
     are one slot (``Plan.packing``), whose bias ``mask_fn`` must give. Returns (M, heads, dv).
     """
     bk = plan.buckets(one_pad_slot)
-    buf = kv.new_empty(bk["rows"], *kv.shape[1:])
-    # empty slots are masked keys, but garbage (NaN) values would still reach the output;
-    # zeroing only them, not the whole buffer, saved 5 ms per LiteMedSAM encode
+    # a gather of every row (empty and padding rows read row 0, then are overwritten) is about
+    # twice as fast as index_copy_ of the reduced tokens into a fresh buffer on CPU
+    buf = kv.index_select(0, bk["row_source"])
+    # empty slots are masked keys, but garbage (NaN) values would still reach the output
     buf.index_fill_(0, bk["empty_rows"], 0)
     if bk["pad_rows"].numel():
         buf[bk["pad_rows"]] = 0 if pad_kv is None else pad_kv.to(kv.dtype)
-    buf.index_copy_(0, bk["query_index"], kv)
     out = kv.new_empty(bk["rows"], kv.shape[1], splits[-1])
     for part in bk["parts"]:
         n_rows = part["windows"] * part["slots"]
