@@ -10,7 +10,11 @@ on the timed image itself.
 The allocator is held steady by default (:func:`steady_allocator`): under glibc's defaults a
 variant's page faults depended on which variants ran before it in the process (LiteMedSAM's
 lean fp32 encoder: 94k minor faults per encode after the published model, 5k alone; 0.52 s
-against 0.43 s), which flattered every ratio against it.
+against 0.43 s), which flattered every ratio against it. OpenMP's wait policy is the
+process's own (the table names it): under ``OMP_WAIT_POLICY=PASSIVE``, which napari_structsam
+sets for napari, threads sleep between the encoder's many small parallel regions, and every
+variant ran slower, the merged ones most (LiteMedSAM fp32: lean 392 vs 364 ms, merged -30 %
+357 vs 314 ms).
 """
 
 from __future__ import annotations
