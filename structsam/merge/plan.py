@@ -196,9 +196,9 @@ class Plan:
         keep a few tokens and windows on edges keep all: windows sorted by fill are cut where
         the padded cost, sum over classes of windows * slots^2, is least. Returns ``rows``
         (total rows), ``query_index`` (M,) row of each reduced token, ``pad_rows``,
-        ``empty_rows`` (slots holding nothing) and ``parts``: per class (row offset, windows,
-        slots, pos (n, S), key_bias (n, 1, 1, S), key_size (n, S) int: tokens behind each key
-        slot, 1 for padding, 0 for empty slots).
+        ``row_source`` (rows,) reduced token of each row (0 where none) and ``parts``: per
+        class (row offset, windows, slots, pos (n, S), key_bias (n, 1, 1, S), key_size (n, S)
+        int: tokens behind each key slot, 1 for padding, 0 for empty slots).
         ``one_pad_slot`` as in :meth:`packing`.
         """
         key = ("buckets", one_pad_slot)
@@ -247,16 +247,13 @@ class Plan:
         pad_flat = torch.nonzero(pk["pad_slot"].reshape(-1)).squeeze(1)
         pad_rows = offset[pad_flat // n_slots] + pad_flat % n_slots
         query_index = offset[pk["win"]] + pk["slot"]
-        filled = torch.zeros(row, dtype=torch.bool, device=dev)
-        filled[query_index] = True
-        filled[pad_rows] = True
+        # the reduced token in each row; 0 for padding and empty rows (see reduced_attention)
         row_source = torch.zeros(row, dtype=torch.long, device=dev)
         row_source[query_index] = torch.arange(query_index.numel(), device=dev)
         self._cache[key] = {
             "rows": row,
             "query_index": query_index,
             "pad_rows": pad_rows,
-            "empty_rows": torch.nonzero(~filled).squeeze(1),
             "row_source": row_source,
             "parts": parts,
         }

@@ -378,11 +378,10 @@ def reduced_attention(
     are one slot (``Plan.packing``), whose bias ``mask_fn`` must give. Returns (M, heads, dv).
     """
     bk = plan.buckets(one_pad_slot)
-    # a gather of every row (empty and padding rows read row 0, then are overwritten) is about
-    # twice as fast as index_copy_ of the reduced tokens into a fresh buffer on CPU
+    # one gather of every row: twice as fast on CPU as index_copy_ of the reduced tokens into a
+    # fresh buffer (0.46 vs 0.90 ms at LiteMedSAM's first stage). Empty slots read token 0:
+    # finite values behind masked keys weigh exactly 0 (uninitialised memory could be NaN).
     buf = kv.index_select(0, bk["row_source"])
-    # empty slots are masked keys, but garbage (NaN) values would still reach the output
-    buf.index_fill_(0, bk["empty_rows"], 0)
     if bk["pad_rows"].numel():
         buf[bk["pad_rows"]] = 0 if pad_kv is None else pad_kv.to(kv.dtype)
     out = kv.new_empty(bk["rows"], kv.shape[1], splits[-1])
