@@ -14,7 +14,7 @@ import os
 # instead of 1.1 s on 2 cores. Passive waiting removes that; it must be set before torch loads
 # its OpenMP runtime, and a user's own setting wins.
 # The console script's other commands take it back (``_cli``): ``structsam speed`` measured every
-# variant slower under it (lean LiteMedSAM fp32 392 vs 364 ms, merged -30 % 357 vs 314 ms).
+# variant slower under it (LiteMedSAM fp32 dense 392 vs 364 ms, merged -30 % 357 vs 314 ms).
 OMP_PASSIVE_SET_HERE = "OMP_WAIT_POLICY" not in os.environ
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -13,7 +13,7 @@ lean fp32 encoder: 94k minor faults per encode after the published model, 5k alo
 against 0.43 s), which flattered every ratio against it. OpenMP's wait policy is the
 process's own (the table names it): under ``OMP_WAIT_POLICY=PASSIVE``, which napari_structsam
 sets for napari, threads sleep between the encoder's many small parallel regions, and every
-variant ran slower, the merged ones most (LiteMedSAM fp32: lean 392 vs 364 ms, merged -30 %
+variant ran slower, the merged ones most (LiteMedSAM fp32: dense 392 vs 364 ms, merged -30 %
 357 vs 314 ms).
 """
 
