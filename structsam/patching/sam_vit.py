@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .engine import MASKED_LOGIT, full_query_attention, fused_attention
+from .engine import MASKED_LOGIT, full_query_attention, fused_attention, window_slots
 
 
 def is_sam_vit(encoder) -> bool:
@@ -156,10 +156,7 @@ def _window_attention(attn, qkv: torch.Tensor, plan) -> torch.Tensor:
     m, c3 = qkv.shape
     hd = c3 // (3 * heads)
     bk = plan.buckets()
-    buf = qkv.new_zeros(bk["rows"], 3, heads, hd)
-    if bk["pad_rows"].numel():
-        buf[bk["pad_rows"]] = attn.qkv.bias.view(3, heads, hd)
-    buf.index_copy_(0, bk["query_index"], qkv.view(m, 3, heads, hd))
+    buf = window_slots(bk, qkv.view(m, 3, heads, hd), attn.qkv.bias.view(3, heads, hd))
     out = qkv.new_empty(bk["rows"], heads * hd)
     for part in bk["parts"]:
         n, s, row = part["windows"], part["slots"], part["row"]
