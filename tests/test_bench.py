@@ -210,6 +210,7 @@ def test_run_bench_end_to_end(litemedsam, tmp_path):
     assert len(list(config.cache_dir.glob("*.pkl"))) == 2  # the dense pass is cached
     table = bench_table(res)
     assert "−30% FLOPs" in table and "out of reach" in table
+    assert f"| {by_key[('structsam', 'plain', 0.3)]['fidelity_min']:.3f} |" in table
     bench_plots([res], tmp_path / "bench.png")
     spectral_plot([res], tmp_path / "spectral.png")
     assert (tmp_path / "spectral.png").stat().st_size > 10_000

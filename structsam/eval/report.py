@@ -96,7 +96,8 @@ def _row(res: dict, s: dict, ours: dict | None) -> str:
         return f"| {s['method']} | {mode} | {why} |"
     cells = [s["method"], mode, f"{s['rate']:.3f}", f"{100 * s['flops_cut']:.1f}%"]
     if res["quality"]:
-        cells += [f"{s['fidelity']:.4f}", f"{s['dice']:.4f}", f"{100 * s['dice_drop']:+.2f}"]
+        cells += [f"{s['fidelity']:.4f}", f"{s['fidelity_min']:.3f}", f"{s['dice']:.4f}"]
+        cells += [f"{100 * s['dice_drop']:+.2f}"]
         for field in ("dice", "fidelity"):
             p = paired(res, s, ours, field) if ours is not None and s is not ours else None
             cells.append(f"{p[0]:+.2f} ± {p[1]:.2f}" if p else "–")
@@ -123,11 +124,13 @@ def bench_table(res: dict) -> str:
             f"unmerged mean Dice {u['dice']:.4f}; every figure is over those. Rates calibrated "
             f"on {res['calibration']['n_images']} tuning-split images. Paired columns: per-prompt "
             "difference from StructSAM of the same mode (points, mean ± s.e.; negative: worse "
-            "than StructSAM)."
+            "than StructSAM). Worst: the lowest fidelity IoU of any prompt (a method that "
+            "concentrates its merging can lose one object while the mean holds)."
         )
     cols = ["method", "mode", "rate", "FLOPs cut"]
     if res["quality"]:
-        cols += ["fidelity IoU", "Dice", "Dice drop (pt)", "ΔDice vs ours", "Δfidelity vs ours"]
+        cols += ["fidelity IoU", "worst", "Dice", "Dice drop (pt)", "ΔDice vs ours"]
+        cols += ["Δfidelity vs ours"]
     cols += ["spectral (window)", "spectral (global)"]
     if timed:
         cols += ["encoder s", "speed-up"]
