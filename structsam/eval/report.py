@@ -8,6 +8,7 @@ import numpy as np
 
 OURS = "structsam"
 MATCH = 0.02  # a setting whose measured cut is further than this from its target is unmatched
+SMALLER_CUT = 0.005  # a first place at a cut this much below the runner-up's is flagged
 
 
 def _key(s: dict) -> str:
@@ -69,11 +70,18 @@ def verdicts(res: dict) -> list[str]:
             gap = paired(res, o, best, "fidelity")
             first = o["fidelity"] > best["fidelity"]
             line = (
-                f"- −{target:.0%}, {label}: StructSAM fidelity {o['fidelity']:.4f}, best other "
-                f"{best['method']} {best['fidelity']:.4f} → {'first' if first else 'NOT first'}"
+                f"- −{target:.0%}, {label}: StructSAM fidelity {o['fidelity']:.4f} (cut "
+                f"{o['flops_cut']:.1%}), best other {best['method']} {best['fidelity']:.4f} (cut "
+                f"{best['flops_cut']:.1%}) → {'first' if first else 'NOT first'}"
             )
             if gap:
                 line += f" (paired {gap[0]:+.2f} ± {gap[1]:.2f} pt, n = {gap[2]})"
+            if first and best["flops_cut"] - o["flops_cut"] > SMALLER_CUT:
+                # within MATCH of the target, but a win bought with less merging is no win
+                line += (
+                    f"; StructSAM cuts {100 * (best['flops_cut'] - o['flops_cut']):.1f} points "
+                    "less, so this is not a win at equal compute"
+                )
             if not first:
                 cases = worst_cases(res, o, best)
                 line += "; largest deficits: " + ", ".join(f"{n} {g:+.1f} pt" for n, g in cases)
