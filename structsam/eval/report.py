@@ -104,7 +104,8 @@ def _row(res: dict, s: dict, ours: dict | None) -> str:
         return f"| {s['method']} | {mode} | {why} |"
     cells = [s["method"], mode, f"{s['rate']:.3f}", f"{100 * s['flops_cut']:.1f}%"]
     if res["quality"]:
-        cells += [f"{s['fidelity']:.4f}", f"{s['fidelity_min']:.3f}", f"{s['dice']:.4f}"]
+        worst = s.get("fidelity_min", float("nan"))  # absent from results before 2026-12-01
+        cells += [f"{s['fidelity']:.4f}", f"{worst:.3f}", f"{s['dice']:.4f}"]
         cells += [f"{100 * s['dice_drop']:+.2f}"]
         for field in ("dice", "fidelity"):
             p = paired(res, s, ours, field) if ours is not None and s is not ours else None
