@@ -178,7 +178,7 @@ def test_verdicts_name_the_best_rival_and_the_cases_behind_a_loss():
 def test_a_first_place_bought_with_a_smaller_cut_is_flagged():
     res = _fake(0.95, 0.93)
     (line,) = verdicts(res)
-    assert "(cut 30.0%)" in line and "not a win at equal compute" not in line
+    assert "(cut 30.0 %)" in line and "not a win at equal compute" not in line
     res["settings"][0]["flops_cut"] = 0.288  # within MATCH of -30 %, but 1.2 points less
     (line,) = verdicts(res)
     assert "→ first" in line and "StructSAM cuts 1.2 points less" in line

@@ -71,8 +71,9 @@ def verdicts(res: dict) -> list[str]:
             first = o["fidelity"] > best["fidelity"]
             line = (
                 f"- −{target:.0%}, {label}: StructSAM fidelity {o['fidelity']:.4f} (cut "
-                f"{o['flops_cut']:.1%}), best other {best['method']} {best['fidelity']:.4f} (cut "
-                f"{best['flops_cut']:.1%}) → {'first' if first else 'NOT first'}"
+                f"{100 * o['flops_cut']:.1f} %), best other {best['method']} "
+                f"{best['fidelity']:.4f} (cut {100 * best['flops_cut']:.1f} %) → "
+                f"{'first' if first else 'NOT first'}"
             )
             if gap:
                 line += f" (paired {gap[0]:+.2f} ± {gap[1]:.2f} pt, n = {gap[2]})"
