@@ -42,6 +42,11 @@ def worst_cases(res: dict, a: dict, b: dict, count: int = 3) -> list[tuple[str, 
     return [(n, g) for g, n in gaps[:count] if g < 0]
 
 
+def _cut(s: dict) -> str:
+    """A setting's measured FLOPs cut as the verdict lines write it."""
+    return f"cut {100 * s['flops_cut']:.1f} %"
+
+
 def _ours(at: list[dict]) -> dict | None:
     mine = [s for s in at if s["method"] == OURS]
     return mine[0] if mine else None
@@ -70,25 +75,23 @@ def verdicts(res: dict) -> list[str]:
             gap = paired(res, o, best, "fidelity")
             first = o["fidelity"] > best["fidelity"]
             line = (
-                f"- −{target:.0%}, {label}: StructSAM fidelity {o['fidelity']:.4f} (cut "
-                f"{100 * o['flops_cut']:.1f} %), best other {best['method']} "
-                f"{best['fidelity']:.4f} (cut {100 * best['flops_cut']:.1f} %) → "
+                f"- −{target:.0%}, {label}: StructSAM fidelity {o['fidelity']:.4f} ({_cut(o)}), "
+                f"best other {best['method']} {best['fidelity']:.4f} ({_cut(best)}) → "
                 f"{'first' if first else 'NOT first'}"
             )
             if gap:
                 line += f" (paired {gap[0]:+.2f} ± {gap[1]:.2f} pt, n = {gap[2]})"
-            if first and best["flops_cut"] - o["flops_cut"] > SMALLER_CUT:
+            less = best["flops_cut"] - o["flops_cut"]
+            if first and less > SMALLER_CUT:
                 # within MATCH of the target, but a win bought with less merging is no win
-                line += (
-                    f"; StructSAM cuts {100 * (best['flops_cut'] - o['flops_cut']):.1f} points "
-                    "less, so this is not a win at equal compute"
-                )
+                line += f"; StructSAM cuts {100 * less:.1f} points less, so this is not a win at "
+                line += "equal compute"
             if not first:
                 cases = worst_cases(res, o, best)
                 line += "; largest deficits: " + ", ".join(f"{n} {g:+.1f} pt" for n, g in cases)
             if off:
                 line += "; not at matched compute, left out: " + ", ".join(
-                    f"{s['method']} (cut {100 * s['flops_cut']:.1f} %)" for s in off
+                    f"{s['method']} ({_cut(s)})" for s in off
                 )
             lines.append(line)
     return lines
