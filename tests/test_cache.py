@@ -260,3 +260,21 @@ def test_far_larger_images_warn_or_are_refused(litemedsam):
     huge = np.broadcast_to(np.float32(0), (20000, 20000))  # no memory behind it
     with pytest.raises(structsam.errors.ImageError, match="too large.*crop"):
         structsam.Predictor(litemedsam).set_image(huge)
+
+
+def test_a_changed_method_default_misses_the_cache(merged, image, monkeypatch):
+    """The key holds the method's effective options, defaults included: embeddings cached
+    before a default changed in the code (StructSAM's prompt focus went from 3 to 6) must not
+    be served for the new one."""
+    from structsam.merge import structsam as structsam_method
+
+    base = embedding_key(merged, image, prompts={"box": BOX})
+    structsam.patch(merged, "structsam", 0.3, prompt_focus=6.0)  # the default, spelled out
+    assert embedding_key(merged, image, prompts={"box": BOX}) == base
+
+    old_defaults = structsam_method.structsam_merge.__kwdefaults__
+    monkeypatch.setattr(
+        structsam_method.structsam_merge, "__kwdefaults__", {**old_defaults, "prompt_focus": 3.0}
+    )
+    structsam.patch(merged, "structsam", 0.3)
+    assert embedding_key(merged, image, prompts={"box": BOX}) != base

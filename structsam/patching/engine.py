@@ -10,6 +10,7 @@ group's update back to every member token, so the output keeps its full grid.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -179,7 +180,9 @@ class MergeConfig:
             "rates": [[b, repr(r)] for b, r in sorted(self.rates.items())],
             "stage_windows": canonical(dict(self.stage_windows)),
             "input_size": self.input_size,
-            "options": canonical(dict(self.options)),
+            # the method's defaults too: a default changed in the code must not reuse
+            # embeddings cached under the old one
+            "options": canonical({**method_defaults(self.method.fn), **self.options}),
             "prompts": canonical(None if self.prompts is None else dict(self.prompts)),
             "seed": canonical(self.seed),
             "precision": self.precision,
@@ -190,6 +193,18 @@ class MergeConfig:
             "queries": self.queries,
             "recovery": self.recovery,
         }
+
+
+def method_defaults(fn) -> dict[str, Any]:
+    """The keyword-only options of a method function and their defaults (``generator`` and
+    the engine-supplied ``depth`` left out: they are not the user's settings)."""
+    return {
+        name: p.default
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.kind is p.KEYWORD_ONLY
+        and p.default is not p.empty
+        and name not in ("generator", "depth")
+    }
 
 
 # "the patch's own prompts": a per-call override may also be None (protect nothing)
