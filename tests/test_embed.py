@@ -52,7 +52,9 @@ def mri_cache(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mri-cache")
     start, stop = MRI_SLICES
     argv = ["embed", "sample:mri", "--slices", f"{start}:{stop}", "--out", str(folder)]
-    argv += ["--rate", "0.33", "--no-progress"]
+    # fp32 like the litemedsam fixture: "auto" is bf16 on a CPU with AMX, and the cache keys
+    # the precision
+    argv += ["--rate", "0.33", "--precision", "fp32", "--no-progress"]
     first, second = [], []
     code1, out1 = run_cli(argv, first, limit=2)
     n_after_stop = len(EmbeddingCache(folder).entries())

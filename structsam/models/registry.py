@@ -76,10 +76,11 @@ def _cpu_flags() -> set[str]:
 def _cpu_has_fast_bf16() -> bool:
     """Whether bf16 matrix products beat fp32 on this CPU, measured once per process.
 
-    CPU flags alone mislead: on this repo's 2-core Xeon (AVX-512 bf16, AMX not exposed to the
-    VM) a 4096x768x3072 bf16 product took 106 ms against 66 ms in fp32, and ViT-B's encoder
-    8.1 s against 7.8 s; with AMX, bf16 runs about 2x faster. A CPU without bf16 instructions
-    emulates it and is never faster. So: bf16 instructions, then a ~20 ms timing.
+    CPU flags alone mislead: on this repo's 2-core Xeon with AVX-512 bf16 but AMX not exposed to
+    the VM, a 4096x768x3072 bf16 product took 106 ms against 66 ms in fp32, and ViT-B's encoder
+    8.1 s against 7.8 s; when the VM exposed AMX, bf16 encoders ran about 2x faster. A CPU
+    without bf16 instructions emulates it and is never faster. So: bf16 instructions, then a
+    ~20 ms timing.
     """
     if not {"amx_bf16", "avx512_bf16"} & _cpu_flags():
         return False
