@@ -351,3 +351,49 @@ def test_patched_restores_the_earlier_patch(small_vit):
     with patched(small_vit, "structsam", 0.5):
         pass
     assert merge_config(small_vit) is None and type(small_vit).__name__ == "ImageEncoderViT"
+
+
+@pytest.mark.parametrize(
+    "dtype, slots, pad_fp32",
+    [(torch.float32, 40, False), (torch.float32, 530, True), (torch.bfloat16, 530, False)],
+)
+def test_folded_attention_pads_to_aligned_shapes_exactly(dtype, slots, pad_fp32, monkeypatch):
+    # the kernel is given a width padded to 32 and, in bf16, a long window padded to 64 tokens
+    # with empty keys: the result must be the explicit softmax(q k * scale + rel-pos + log size)
+    # (the token padding forced in fp32 too, where it can be checked tightly)
+    from types import SimpleNamespace
+
+    from structsam.patching import sam_vit
+    from structsam.patching.sam_vit import _fold_layout, _folded_attention
+
+    if pad_fp32:
+        monkeypatch.setattr(sam_vit, "_extra_tokens", lambda s, dtype: -s % 64)
+
+    torch.manual_seed(0)
+    size, heads, hd = 24, 2, 16
+    attn = SimpleNamespace(
+        use_rel_pos=True,
+        rel_pos_h=torch.randn(2 * size - 1, hd).to(dtype),
+        rel_pos_w=torch.randn(2 * size - 1, hd).to(dtype),
+        scale=hd**-0.5,
+    )
+    pos = torch.randperm(size * size)[:slots].sort().values[None]
+    log_size = torch.rand(1, slots).mul(2).log1p()
+    log_size[0, -3:] = float("-inf")  # empty slots
+    part = {"pos": pos, "key_bias": log_size[:, None, None, :]}
+    q, k, v = (torch.randn(1, heads, slots, hd).to(dtype) for _ in range(3))
+    out = _folded_attention(attn, q, k, v, _fold_layout(part, size, dtype))
+
+    r, c = pos[0] // size, pos[0] % size
+    rh = attn.rel_pos_h.float()[r[:, None] - r[None] + size - 1]  # (S, S, hd)
+    rw = attn.rel_pos_w.float()[c[:, None] - c[None] + size - 1]
+    qf, kf, vf = q.float(), k.float(), v.float()
+    logits = qf @ kf.transpose(-1, -2) * attn.scale
+    logits = logits + torch.einsum("bhqd,qkd->bhqk", qf, rh + rw)
+    ref = (logits + log_size[:, None, None, :]).softmax(-1) @ vf  # (1, heads, S, hd)
+    assert out.shape == (1, slots, heads, hd)
+    err = (out.float() - ref.transpose(1, 2)).abs()
+    if dtype == torch.float32:
+        assert err.max() < 1e-4
+    else:  # bf16 rounding of q, k and the scores
+        assert err.mean() < 5e-3 and err.max() < 0.1

@@ -38,29 +38,36 @@ def fused_attention(
     mask: torch.Tensor | None,
     scale: float,
     head_dim: int,
+    tokens: int = -1,
 ) -> torch.Tensor:
     """``scaled_dot_product_attention`` of (n, heads, S, d) inputs, returned as (n, S, heads,
     dv), contiguous: the fused CPU kernel writes that layout, so the reshape back to tokens is
     free, and torch.compile takes a custom op's output to be contiguous. FLOPs count
-    ``head_dim`` wide.
+    ``head_dim`` wide and ``tokens`` long (-1: S).
 
-    Folding position biases into q/k widens them (``sam_vit._folded_attention``); FLOPs are the
-    model's, so the count uses its own head width. torch's counter does not count the fused CPU
-    kernel at all, which would hide attention from every FLOPs cut.
+    Folding position biases into q/k widens them, and the kernel runs faster on padded widths
+    and lengths (``sam_vit._folded_attention``); FLOPs are the model's, so the count uses its
+    own head width and token count. torch's counter does not count the fused CPU kernel at
+    all, which would hide attention from every FLOPs cut.
     """
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.transpose(1, 2).contiguous()
 
 
 @fused_attention.register_fake
-def _(q, k, v, mask, scale, head_dim):
+def _(q, k, v, mask, scale, head_dim, tokens=-1):
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
 
 
 @register_flop_formula(torch.ops.structsam.attention)
-def _attention_flops(q_shape, k_shape, v_shape, mask_shape, scale, head_dim, out_shape=None, **kw):
+def _attention_flops(
+    q_shape, k_shape, v_shape, mask_shape, scale, head_dim, tokens=-1, out_shape=None, **kw
+):
     *batch, sq, _ = q_shape
-    return 4 * int(np.prod(batch)) * sq * k_shape[-2] * head_dim
+    sk = k_shape[-2]
+    if tokens >= 0:
+        sq = sk = tokens
+    return 4 * int(np.prod(batch)) * sq * sk * head_dim
 
 
 @dataclass

@@ -200,6 +200,11 @@ def _fold_layout(part: dict, size: int, dtype) -> dict:
     return cache[key]
 
 
+def _extra_tokens(s: int, dtype: torch.dtype) -> int:
+    """Empty key slots that bring a long half-precision window to a multiple of 64 tokens."""
+    return -s % 64 if dtype != torch.float32 and s >= 512 else 0
+
+
 def _folded_attention(attn, q, k, v, fold: dict) -> torch.Tensor:
     """softmax(q k^T * scale + rel-pos bias + log size) v for (n, heads, S, hd) windows,
     returned as (n, S, heads, hd).
@@ -208,6 +213,13 @@ def _folded_attention(attn, q, k, v, fold: dict) -> torch.Tensor:
     ``scaled_dot_product_attention`` call. Measured on this CPU (2 threads, 12 heads x 4096
     tokens): the explicit softmax(q k^T + bias) v takes 1.64 s in fp32, SDPA on 192 dims 0.77 s.
     SDPA's fused CPU kernel needs q, k and v of one width, so v is zero-padded to it.
+
+    The kernel is much faster on aligned shapes, so the width is zero-padded to a multiple of
+    32 and, in half precision, a long window (a global block) to a multiple of 64 tokens with
+    empty key slots (``MASKED_LOGIT``); the padded queries' outputs are dropped. Measured on
+    this CPU with AMX, bf16, 12 heads: 4096 tokens 152 -> 119 ms (width 191 -> 192); 3018
+    tokens 127 ms at width 191, 91 ms at 192, 66 ms at 192 and 3072 tokens. In fp32 the width
+    helped (315 -> 279 ms at 3018 tokens) and the length did not (286 ms at 3072).
     """
     n, heads, s, hd = q.shape
     size = fold["size"]
@@ -222,8 +234,15 @@ def _folded_attention(attn, q, k, v, fold: dict) -> torch.Tensor:
         qh, qw = qh[..., :-1] - qh[..., -1:], qw[..., :-1] - qw[..., -1:]
     else:
         qh = qw = q.new_zeros(n, heads, s, size - 1)
-    qf = torch.cat([q * attn.scale, qh, qw, q.new_ones(n, heads, s, 1)], dim=-1)
     ext = fold["key_ext"]
-    kf = torch.cat([k, ext.expand(n, heads, s, ext.shape[-1])], dim=-1)
-    vf = F.pad(v, (0, ext.shape[-1]))
-    return fused_attention(qf, kf, vf, None, 1.0, hd)[..., :hd]
+    width = hd + ext.shape[-1]
+    pad = [q.new_zeros(n, heads, s, -width % 32)]
+    qf = torch.cat([q * attn.scale, qh, qw, q.new_ones(n, heads, s, 1), *pad], dim=-1)
+    kf = torch.cat([k, ext.expand(n, heads, s, ext.shape[-1]), *pad], dim=-1)
+    vf = F.pad(v, (0, qf.shape[-1] - hd))
+    extra = _extra_tokens(s, q.dtype)
+    if extra:
+        qf, kf, vf = (F.pad(t, (0, 0, 0, extra)) for t in (qf, kf, vf))
+        kf[:, :, s:, width - 1] = MASKED_LOGIT  # empty key slots: exp() of them is 0
+    out = fused_attention(qf, kf, vf, None, 1.0, hd, s)
+    return out[:, :s, :, :hd]
