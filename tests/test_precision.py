@@ -57,3 +57,23 @@ def test_compiled_static_parts_give_the_eager_encoder():
     with torch.inference_mode():
         a, b = eager.image_encoder(x), compiled.image_encoder(x)
     assert (a - b).abs().max().item() < 1e-4
+
+
+def test_half_precision_tinyvit_attention_on_aligned_windows(litemedsam):
+    # bf16 windows of 49 and 196 tokens go to the fused kernel padded to 64 and 208, their
+    # padded keys masked: TinyViT's own attention up to bf16 rounding; fp32 is untouched
+    import copy
+
+    model = copy.deepcopy(litemedsam)
+    for layer in (1, 2):
+        attn = model.image_encoder.layers[layer].blocks[0].attn
+        assert type(attn).__name__ == "AlignedAttention"
+        n = attn.ab.shape[-1]
+        x = torch.randn(3, n, attn.qkv.in_features)
+        with torch.inference_mode():
+            assert torch.equal(attn(x), attn._structsam_tinyvit_attention(x))
+            attn.to(torch.bfloat16)
+            xb = x.bfloat16()
+            got, own = attn(xb).float(), attn._structsam_tinyvit_attention(xb).float()
+        err = (got - own).abs()
+        assert err.mean() < 0.01 * own.abs().mean() and err.max() < 0.1 * own.abs().max()

@@ -355,6 +355,58 @@ def _onednn_linear(self, x):
     return _linear(x, self.weight, self.bias)
 
 
+# Window lengths for the fused kernel in half precision: measured on a CPU with AMX (bf16, 2
+# threads), LiteMedSAM's dense encoder 127.5 -> 119.0 ms with its windows of 49 and 196 tokens
+# padded to 64 and 208 (interleaved, 20 rounds); in fp32 the padded kernel was slower (279 ->
+# 290 ms), so fp32 keeps TinyViT's own products and softmax.
+_HALF_WINDOW_ALIGN = 16
+
+
+def _aligned_attention(self, x):
+    """TinyViT's Attention; in half precision at inference through the fused kernel on windows
+    padded to a multiple of 16 tokens, whose padded keys the bias masks out (-inf)."""
+    if x.dtype == torch.float32 or torch.is_grad_enabled() or self.training:
+        return self._structsam_tinyvit_attention(x)
+    from ..patching.engine import fused_attention  # patching imports models: no cycle at load
+
+    b, n, _ = x.shape
+    qkv = self.qkv(self.norm(x)).view(b, n, self.num_heads, -1)
+    s = -(-n // _HALF_WINDOW_ALIGN) * _HALF_WINDOW_ALIGN
+    if s != n:
+        qkv = nn.functional.pad(qkv, (0, 0, 0, 0, 0, s - n))
+    q, k, v = (t.transpose(1, 2) for t in qkv.split([self.key_dim, self.key_dim, self.d], dim=3))
+    mask = _padded_window_bias(self, b, s, qkv.dtype)
+    out = fused_attention(q, k, v, mask, self.scale, self.key_dim, n)  # (b, s, heads, d)
+    return self.proj(out[:, :n].reshape(b, n, self.dh))
+
+
+def _padded_window_bias(attn, windows: int, s: int, dtype) -> torch.Tensor:
+    """(windows, heads, s, s) attention bias with -inf for the padded keys, kept on the module
+    while TinyViT's own cached bias ``ab`` is the same tensor (it makes a new one at
+    ``train(False)``); the kernel ran about 3x slower on a bias broadcast over windows than on
+    a full one."""
+    cached = hasattr(attn, "ab")
+    ab = attn.ab if cached else attn.attention_biases[:, attn.attention_bias_idxs]
+    key = (windows, s, dtype, ab.device, ab.data_ptr())
+    if not cached or getattr(attn, "_structsam_bias_key", None) != key:
+        heads, n, _ = ab.shape
+        bias = torch.zeros(heads, s, s, device=ab.device)
+        bias[:, :, n:] = float("-inf")
+        bias[:, :n, :n] = ab.float()
+        attn._structsam_bias = bias.to(dtype).expand(windows, -1, -1, -1).contiguous()
+        attn._structsam_bias_key = key
+    return attn._structsam_bias
+
+
+def aligned_half_attention(encoder) -> int:
+    """Give every attention block's Attention :func:`_aligned_attention` (dense blocks only:
+    merged blocks run their own attention); returns how many."""
+    attns = [blk.attn for blk in _attention_blocks(encoder)]
+    for attn in attns:
+        swap_class(attn, _aligned_attention, "Aligned", "_structsam_tinyvit_attention")
+    return len(attns)
+
+
 def onednn_block_linears(encoder) -> int:
     """Run the attention blocks' other Linears (qkv, proj, the Mlp's fc2) through oneDNN on
     CPU inference (:func:`_linear`), dense and merged alike; returns how many."""

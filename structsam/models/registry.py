@@ -171,6 +171,7 @@ def _fold_tinyvit(encoder) -> None:
     litemedsam.channels_last_conv_stage(encoder)
     litemedsam.gelu_in_place_mlps(encoder)
     litemedsam.onednn_block_linears(encoder)
+    litemedsam.aligned_half_attention(encoder)
     litemedsam.channels_last_local_convs(encoder)
     litemedsam.channels_last_neck(encoder)
 
