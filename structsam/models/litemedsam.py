@@ -358,7 +358,8 @@ def _onednn_linear(self, x):
 # Window lengths for the fused kernel in half precision: measured on a CPU with AMX (bf16, 2
 # threads), LiteMedSAM's dense encoder 127.5 -> 119.0 ms with its windows of 49 and 196 tokens
 # padded to 64 and 208 (interleaved, 20 rounds); in fp32 the padded kernel was slower (279 ->
-# 290 ms), so fp32 keeps TinyViT's own products and softmax.
+# 290 ms), so fp32 keeps TinyViT's own products and softmax. The price is memory: each block
+# keeps its padded bias for every window, 100 MiB over LiteMedSAM's ten blocks in bf16.
 _HALF_WINDOW_ALIGN = 16
 
 
