@@ -243,7 +243,7 @@ class Session:
         cancelled: Callable[[], bool] | None = None,
     ):  # fmt: skip
         """Encoder FLOPs of ``settings`` (and, once per model, the dense FLOPs and an unmerged
-        encode time) on slice ``z``. Costs one or three forwards; run it in a worker."""
+        encode time) on slice ``z``. Costs one to four forwards; run it in a worker."""
         settings = settings or self.settings
         return self.service.flops(
             self.slice_image(z), settings, self._book, self.to_square(prompts), self.window,

@@ -292,7 +292,7 @@ class EncoderService:
         time_unmerged: bool = True, cancelled: Callable[[], bool] | None = None,
     ) -> Stats:  # fmt: skip
         """Encoder FLOPs of ``settings`` on ``image`` and, unless ``book`` has them for its
-        model, the dense FLOPs and (``time_unmerged``) an unmerged encode time. One to three
+        model, the dense FLOPs and (``time_unmerged``) a warm unmerged encode time. One to four
         forwards; run it in a worker. ``book`` is only read."""
         import structsam
 
