@@ -359,16 +359,27 @@ def _onednn_linear(self, x):
 # threads), LiteMedSAM's dense encoder 127.5 -> 119.0 ms with its windows of 49 and 196 tokens
 # padded to 64 and 208 (interleaved, 20 rounds); in fp32 the padded kernel was slower (279 ->
 # 290 ms), so fp32 keeps TinyViT's own products and softmax. The price is memory: each block
-# keeps its padded bias for every window, 100 MiB over LiteMedSAM's ten blocks in bf16.
+# keeps its padded bias for every window, 100 MiB over LiteMedSAM's ten blocks in bf16. On a
+# CPU where explicit products beat the fused kernel (``patching.kernels``: an AMD EPYC without
+# AMX, where the padded windows took 136 against 59 ms per encode) TinyViT's own attention runs.
 _HALF_WINDOW_ALIGN = 16
 
 
 def _aligned_attention(self, x):
-    """TinyViT's Attention; in half precision at inference through the fused kernel on windows
-    padded to a multiple of 16 tokens, whose padded keys the bias masks out (-inf)."""
-    if x.dtype == torch.float32 or torch.is_grad_enabled() or self.training:
+    """TinyViT's Attention; in half precision at inference, where the fused kernel is the
+    faster one, through it on windows padded to a multiple of 16 tokens, whose padded keys the
+    bias masks out (-inf)."""
+    # patching imports models: imported here, no cycle at load
+    from ..patching.engine import fused_attention
+    from ..patching.kernels import explicit_pays
+
+    if (
+        x.dtype == torch.float32
+        or torch.is_grad_enabled()
+        or self.training
+        or explicit_pays(x.device, x.dtype, x.shape[1])
+    ):
         return self._structsam_tinyvit_attention(x)
-    from ..patching.engine import fused_attention  # patching imports models: no cycle at load
 
     b, n, _ = x.shape
     qkv = self.qkv(self.norm(x)).view(b, n, self.num_heads, -1)

@@ -24,6 +24,7 @@ from torch.utils.flop_counter import register_flop_formula
 from ..errors import MergeError
 from ..identity import canonical
 from ..merge import Grid, MethodInfo, Plan, prompt_mask
+from .kernels import explicit_attention, explicit_pays
 
 # Logit of an empty key slot: exp() of it is 0 in every float type, and unlike -inf it stays
 # finite in a matmul (0 * -inf would be NaN).
@@ -57,6 +58,14 @@ def fused_attention(
 @fused_attention.register_fake
 def _(q, k, v, mask, scale, head_dim, tokens=-1):
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
+
+
+def window_attention(q, k, v, mask, scale: float, head_dim: int) -> torch.Tensor:
+    """:func:`fused_attention` for short windows, or the same through explicit products where
+    those are faster on this device (``kernels.explicit_pays``); FLOPs count alike."""
+    if explicit_pays(q.device, q.dtype, k.shape[2]):
+        return explicit_attention(q, k, v, mask, scale).transpose(1, 2).contiguous()
+    return fused_attention(q, k, v, mask, scale, head_dim)
 
 
 @register_flop_formula(torch.ops.structsam.attention)
@@ -421,7 +430,7 @@ def reduced_attention(
         rows = buf[part["row"] : part["row"] + n_rows]
         slots = rows.view(part["windows"], part["slots"], *kv.shape[1:]).transpose(1, 2)
         qs, ks, vs = slots.split(splits, dim=-1)
-        o = fused_attention(qs, ks, vs, mask_fn(part), scale, qs.shape[-1])
+        o = window_attention(qs, ks, vs, mask_fn(part), scale, qs.shape[-1])
         out[part["row"] : part["row"] + n_rows] = o.reshape(n_rows, kv.shape[1], -1)
     return out.index_select(0, bk["query_index"])
 
