@@ -15,8 +15,16 @@ import os
 # its OpenMP runtime, and a user's own setting wins.
 # The console script's other commands take it back (``_cli``): ``structsam speed`` measured every
 # variant slower under it (LiteMedSAM fp32 dense 392 vs 364 ms, merged -30 % 357 vs 314 ms).
+# Fully passive threads wake late for each of the merged encoder's many small parallel regions
+# (LiteMedSAM bf16 at 0.38 on 2 cores: 277 ms against 249 ms spinning, dense 314 vs 302), so
+# libgomp (torch's OpenMP on Linux) still spins 1000 rounds before it sleeps: idle 249-261 ms,
+# and with a busy process beside it 496-515 ms against 440-468 passive and 812-872 spinning
+# torch's default (20 and 4 MNI152 slices, 2026-12-07, AMD EPYC).
 OMP_PASSIVE_SET_HERE = "OMP_WAIT_POLICY" not in os.environ
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+SPIN_SET_HERE = OMP_PASSIVE_SET_HERE and "GOMP_SPINCOUNT" not in os.environ
+if SPIN_SET_HERE:
+    os.environ["GOMP_SPINCOUNT"] = "1000"
 
 __version__ = "0.1.0"
 

@@ -43,12 +43,15 @@ def commands() -> tuple:
 
 def release_passive_openmp(argv: list[str]) -> None:
     """Every command but ``annotate`` runs as a plain Python process does: the package set
-    ``OMP_WAIT_POLICY=PASSIVE`` for napari's render threads, and passive OpenMP threads wake up
-    late for each of the encoder's many small parallel regions. Must run before torch loads."""
+    ``OMP_WAIT_POLICY=PASSIVE`` (and a short ``GOMP_SPINCOUNT``) for napari's render threads,
+    and passive OpenMP threads wake up late for each of the encoder's many small parallel
+    regions. Must run before torch loads."""
     import napari_structsam
 
     if napari_structsam.OMP_PASSIVE_SET_HERE and (not argv or argv[0] != "annotate"):
         os.environ.pop("OMP_WAIT_POLICY", None)
+        if napari_structsam.SPIN_SET_HERE:
+            os.environ.pop("GOMP_SPINCOUNT", None)
 
 
 def main(argv=None) -> int:
