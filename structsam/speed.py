@@ -212,6 +212,9 @@ def speed_report(
         # napari_structsam sets PASSIVE for napari; it slowed every variant here (see _cli)
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
         "image": f"MNI152 T1 {SPEED_IMAGE[0]} slice {SPEED_IMAGE[1]}",
+        # the ratios depend on the chip: bf16 without AMX, and which attention kernel wins
+        "cpu": cpu_description() if dev.type == "cpu" else None,
+        "window_kernel": {p: window_kernel_choice(p, dev) for p in precisions},
         "rounds": rounds,
         "models": {},
     }
@@ -227,11 +230,42 @@ def speed_report(
     return out
 
 
+def cpu_description() -> str:
+    """The CPU's model name and its bf16 matrix extensions, from /proc/cpuinfo."""
+    from .models.registry import _cpu_flags
+
+    name = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("model name")), "")
+        name = line.partition(":")[2].strip() or name
+    except OSError:
+        pass
+    bf16 = sorted({"amx_bf16", "avx512_bf16"} & _cpu_flags())
+    return f"{name} ({', '.join(bf16) if bf16 else 'no bf16 instructions'})"
+
+
+def window_kernel_choice(precision: str, device: torch.device) -> str:
+    """Which kernel short attention windows run on (``patching.kernels``; measured here once
+    per process, before any timing)."""
+    from .models.registry import _DTYPES, resolve_precision
+    from .patching.kernels import explicit_pays
+
+    dtype = _DTYPES[resolve_precision(precision, device)]
+    with torch.inference_mode():
+        explicit = explicit_pays(device, dtype, 49)
+    return "explicit products" if explicit else "fused kernel"
+
+
 def speed_table(res: dict) -> str:
     lines = []
     setup = [f"allocator: {res['allocator']}"] if res.get("allocator") else []
     if res.get("omp_wait_policy"):
         setup.append(f"OMP_WAIT_POLICY: {res['omp_wait_policy']}")
+    if res.get("cpu"):
+        setup.append(res["cpu"])
+    for precision, kernel in res.get("window_kernel", {}).items():
+        setup.append(f"{precision} windows: {kernel}")
     for name, rows in res["models"].items():
         lines += [
             f"\n**{name}**" + (f" ({'; '.join(setup)})" if setup else "") + "\n",
