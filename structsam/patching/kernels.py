@@ -13,8 +13,10 @@ the CPU and the number format; measured with masked windows of 20-196 tokens, 2 
 - Xeon with AMX (the same day, an earlier VM): the fused kernel on windows padded to 16 tokens
   beat TinyViT's own products (bf16 LiteMedSAM dense 127.5 -> 119 ms).
 
-So the choice is measured once per process for each device type and number format (about
-0.1 s), and can be pinned with :func:`set_window_kernel` (tests, A/B timings).
+So on the CPU the choice is measured once per process for each number format (about 0.1 s, at
+the first merged or half-precision encode); other devices keep the fused kernel (a GPU's is
+the fast one, and no GPU was lent to measure). :func:`set_window_kernel` pins it (tests, A/B
+timings).
 """
 
 from __future__ import annotations
