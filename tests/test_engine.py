@@ -354,18 +354,28 @@ def test_patched_restores_the_earlier_patch(small_vit):
 
 
 @pytest.mark.parametrize(
-    "dtype, slots, pad_fp32",
-    [(torch.float32, 40, False), (torch.float32, 530, True), (torch.bfloat16, 530, False)],
+    "dtype, slots, pad_fp32, kernel",
+    [
+        (torch.float32, 40, False, "fused"),
+        (torch.float32, 40, False, "explicit"),
+        (torch.bfloat16, 40, False, "explicit"),
+        (torch.float32, 530, True, "fused"),
+        (torch.bfloat16, 530, False, "fused"),
+    ],
 )
-def test_folded_attention_pads_to_aligned_shapes_exactly(dtype, slots, pad_fp32, monkeypatch):
+def test_folded_attention_pads_to_aligned_shapes_exactly(
+    dtype, slots, pad_fp32, kernel, monkeypatch
+):
     # the kernel is given a width padded to 32 and, in bf16, a long window padded to 64 tokens
     # with empty keys: the result must be the explicit softmax(q k * scale + rel-pos + log size)
-    # (the token padding forced in fp32 too, where it can be checked tightly)
+    # (the token padding forced in fp32 too, where it can be checked tightly), whichever kernel
+    # short windows run on here
     from types import SimpleNamespace
 
-    from structsam.patching import sam_vit
+    from structsam.patching import kernels, sam_vit
     from structsam.patching.sam_vit import _fold_layout, _folded_attention
 
+    monkeypatch.setattr(kernels, "_pinned", kernel)
     if pad_fp32:
         monkeypatch.setattr(sam_vit, "_extra_tokens", lambda s, dtype: -s % 64)
 
@@ -382,7 +392,8 @@ def test_folded_attention_pads_to_aligned_shapes_exactly(dtype, slots, pad_fp32,
     log_size[0, -3:] = float("-inf")  # empty slots
     part = {"pos": pos, "key_bias": log_size[:, None, None, :]}
     q, k, v = (torch.randn(1, heads, slots, hd).to(dtype) for _ in range(3))
-    out = _folded_attention(attn, q, k, v, _fold_layout(part, size, dtype))
+    with torch.inference_mode():  # as encoders run (autograd keeps the fused kernel)
+        out = _folded_attention(attn, q, k, v, _fold_layout(part, size, dtype))
 
     r, c = pos[0] // size, pos[0] % size
     rh = attn.rel_pos_h.float()[r[:, None] - r[None] + size - 1]  # (S, S, hd)

@@ -43,29 +43,25 @@ def fused_attention(
 ) -> torch.Tensor:
     """``scaled_dot_product_attention`` of (n, heads, S, d) inputs, returned as (n, S, heads,
     dv), contiguous: the fused CPU kernel writes that layout, so the reshape back to tokens is
-    free, and torch.compile takes a custom op's output to be contiguous. FLOPs count
-    ``head_dim`` wide and ``tokens`` long (-1: S).
+    free, and torch.compile takes a custom op's output to be contiguous. Short windows run as
+    explicit products where those are faster on this device (``kernels.explicit_pays``). FLOPs
+    count ``head_dim`` wide and ``tokens`` long (-1: S), whichever kernel ran.
 
     Folding position biases into q/k widens them, and the kernel runs faster on padded widths
     and lengths (``sam_vit._folded_attention``); FLOPs are the model's, so the count uses its
     own head width and token count. torch's counter does not count the fused CPU kernel at
     all, which would hide attention from every FLOPs cut.
     """
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if explicit_pays(q.device, q.dtype, k.shape[2]):
+        out = explicit_attention(q, k, v, mask, scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.transpose(1, 2).contiguous()
 
 
 @fused_attention.register_fake
 def _(q, k, v, mask, scale, head_dim, tokens=-1):
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
-
-
-def window_attention(q, k, v, mask, scale: float, head_dim: int) -> torch.Tensor:
-    """:func:`fused_attention` for short windows, or the same through explicit products where
-    those are faster on this device (``kernels.explicit_pays``); FLOPs count alike."""
-    if explicit_pays(q.device, q.dtype, k.shape[2]):
-        return explicit_attention(q, k, v, mask, scale).transpose(1, 2).contiguous()
-    return fused_attention(q, k, v, mask, scale, head_dim)
 
 
 @register_flop_formula(torch.ops.structsam.attention)
@@ -430,7 +426,7 @@ def reduced_attention(
         rows = buf[part["row"] : part["row"] + n_rows]
         slots = rows.view(part["windows"], part["slots"], *kv.shape[1:]).transpose(1, 2)
         qs, ks, vs = slots.split(splits, dim=-1)
-        o = window_attention(qs, ks, vs, mask_fn(part), scale, qs.shape[-1])
+        o = fused_attention(qs, ks, vs, mask_fn(part), scale, qs.shape[-1])
         out[part["row"] : part["row"] + n_rows] = o.reshape(n_rows, kv.shape[1], -1)
     return out.index_select(0, bk["query_index"])
 

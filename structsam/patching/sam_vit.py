@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .engine import MASKED_LOGIT, full_query_attention, fused_attention, window_slots
+from .kernels import explicit_pays
 
 
 def is_sam_vit(encoder) -> bool:
@@ -239,7 +240,9 @@ def _folded_attention(attn, q, k, v, fold: dict) -> torch.Tensor:
     pad = [q.new_zeros(n, heads, s, -width % 32)]
     qf = torch.cat([q * attn.scale, qh, qw, q.new_ones(n, heads, s, 1), *pad], dim=-1)
     kf = torch.cat([k, ext.expand(n, heads, s, ext.shape[-1]), *pad], dim=-1)
-    vf = F.pad(v, (0, qf.shape[-1] - hd))
+    # the fused kernel needs v as wide as q; explicit products (short windows, where they are
+    # faster here) take it as it is
+    vf = v if explicit_pays(q.device, q.dtype, s) else F.pad(v, (0, qf.shape[-1] - hd))
     extra = _extra_tokens(s, q.dtype)
     if extra:
         qf, kf, vf = (F.pad(t, (0, 0, 0, extra)) for t in (qf, kf, vf))
