@@ -30,6 +30,7 @@ from structsam.interactive.service import (  # no torch at import
     EncodeCancelled,  # noqa: F401 (the worker's and the tests' import)
     Stats,  # noqa: F401
     StatsBook,
+    VoteProgress,  # noqa: F401 (the widget's)
     shared_service,
 )
 from structsam.interactive.settings import EncoderSettings, Reencode, reencode_reason
@@ -378,9 +379,10 @@ class Session:
         The box of the object's mask prompts the walk, as the library's stop rules were tuned
         (box plus an interior point seeded another mask than the next slices' boxes, and the
         walk stopped at once); each next slice is prompted from the previous slice's mask.
-        Yields one ``SliceResult`` per visited slice and changes nothing: the caller applies
-        them (``apply_slice``). Worker-safe given ``seed`` (a label map or a mask) and
-        ``known`` (slice -> ``Embedding`` under ``settings``)."""
+        Yields one ``SliceResult`` per visited slice, ``VoteProgress`` while the two other
+        planes vote, then a ``SliceResult`` per slice the vote changed; changes nothing: the
+        caller applies them (``apply_slice``). Worker-safe given ``seed`` (a label map or a
+        mask) and ``known`` (slice -> ``Embedding`` under ``settings``)."""
         z0 = self._check_z(z0)
         settings = settings or self.settings
         seed = self.plane_mask[z0] if seed is None else np.asarray(seed)
@@ -398,7 +400,10 @@ class Session:
                 known, cancelled, self.disk_cache(), max_slices, spacing,
             )  # fmt: skip
             for step in steps:
-                done += 1
+                if isinstance(step, VoteProgress):
+                    yield step
+                    continue
+                done += 0 if step.voted else 1
                 enc = None
                 if step.embedding is not None:
                     enc = Encoded(step.z, settings, step.embedding, plane)
@@ -425,6 +430,8 @@ class Session:
     def run_propagation(self, z0: int, **kwargs) -> list[SliceResult]:
         results = []
         for res in self.propagate(z0, **kwargs):
+            if isinstance(res, VoteProgress):
+                continue
             self.apply_slice(res)
             results.append(res)
         return results

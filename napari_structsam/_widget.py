@@ -32,6 +32,7 @@ from ._session import (
     SessionError,
     SliceResult,
     Stats,
+    VoteProgress,
     available_devices,
     preload,
 )
@@ -342,6 +343,10 @@ class StructSAMWidget(
             if value.stopped:
                 self._stops.append(f"slice {value.z}: {value.stopped}")
                 self._event(self._stops[-1])
+        elif isinstance(value, VoteProgress):
+            self.progress.setRange(0, max(value.total, 1))
+            self.progress.setValue(value.done)
+            self.progress.setFormat("checking in the two other planes (%v/%m)")
 
     @_guarded
     def _on_done(self, job) -> None:

@@ -568,8 +568,8 @@ def cmd_bench_3d(args) -> int:
         return 0
     variants = p3d.VARIANTS if args.variants else None
     rows = p3d.run(args.split, settings, variants, progress=print, limit=args.limit)
-    names = list(variants or ["default"])
-    tables = "\n\n".join(f"**{n}** stop rules\n\n{p3d.format_table(rows, n)}" for n in names)
+    names = list(variants or p3d.DEFAULT_VARIANTS)
+    tables = "\n\n".join(f"**{n}**\n\n{p3d.format_table(rows, n)}" for n in names)
     print(tables)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -590,7 +590,7 @@ def _add_bench_3d(sub) -> None:
     b3.add_argument("--threads", type=int, default=2)
     b3.add_argument("--tune", action="store_true", help="choose the stop rules on the tuning cases")
     b3.add_argument(
-        "--variants", action="store_true", help="also the tuning's runner-up rules (box margin)"
+        "--variants", action="store_true", help="also the stop rules' runner-up (box margin)"
     )
     b3.set_defaults(func=cmd_bench_3d)
 

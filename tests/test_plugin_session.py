@@ -114,7 +114,8 @@ def test_propagation_follows_the_object_and_stops_where_it_ends():
     s = Session()
     s.set_image(vol)
     s.ensure_encoded(15)
-    s.segment(15, Prompts(box=np.array([28.0, 28.0, 68.0, 68.0])))
+    mask, _ = s.segment(15, Prompts(box=np.array([28.0, 28.0, 68.0, 68.0])))
+    seed = mask > 0
     results = s.run_propagation(15)
     stops = [r for r in results if r.stopped]
     assert len(stops) == 2 and all("object ended" in r.stopped for r in stops)
@@ -124,6 +125,16 @@ def test_propagation_follows_the_object_and_stops_where_it_ends():
     assert have.min() <= present.min() + 2 and have.max() >= present.max() - 2
     assert iou(s.mask > 0, ball) > 0.7
     assert len(s.encoded_slices()) >= len(have)
+    # the library's result, the orthogonal vote's changes streamed in after the walk
+    import structsam
+    from napari_structsam._prompts import box_of
+
+    predictor = structsam.Predictor(s.service.model(s.settings))
+    ref = structsam.propagate(predictor, vol, 15, box=box_of(seed), window=s.window)
+    assert ref.vote is not None and ref.vote.added + ref.vote.removed > 0
+    for z in range(len(vol)):
+        if z != 15:
+            assert np.array_equal(s.mask[z] > 0, ref.mask[z]), z
 
 
 def test_propagation_can_be_cancelled():

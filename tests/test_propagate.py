@@ -69,7 +69,11 @@ def test_sphere_along_each_axis(predictor, axis):
     for rep in (result.up, result.down):
         assert rep.reason in ("empty", "small", "jump", "growth", "intensity", "score")
         assert rep.stopped_at is not None and rep.slices[-1].index == rep.stopped_at
-    assert result.encodes == 1 + len(result.up.slices) + len(result.down.slices)
+    # then the two other planes voted: one encode per slice the mask crosses along each
+    walk = 1 + len(result.up.slices) + len(result.down.slices)
+    assert result.encodes == walk + sum(result.vote.slices.values())
+    assert sorted(result.vote.slices) == sorted({0, 1, 2} - {axis})
+    assert "voted with" in result.summary()
 
 
 @pytest.mark.slow
@@ -189,9 +193,10 @@ def test_stop_rules_truncate_a_walk_without_stops(predictor):
     box = _box(truth[CENTRE[0]])
     rules = replace(StopRules(), retry_margins=())
     loose = propagate(
-        predictor, vol, CENTRE[0], box=box, rules=rules.without_stops(), max_slices=12
-    )
-    real = propagate(predictor, vol, CENTRE[0], box=box, rules=rules)
+        predictor, vol, CENTRE[0], box=box, rules=rules.without_stops(), max_slices=12,
+        orthogonal=False,
+    )  # fmt: skip
+    real = propagate(predictor, vol, CENTRE[0], box=box, rules=rules, orthogonal=False)
     counts = _counts(loose, truth, 0)
     assert truncated_dice(loose, counts, int(truth.sum()), rules) == pytest.approx(
         _dice(real.mask, truth)
@@ -253,9 +258,78 @@ def test_a_shrunk_slice_is_retried_from_wider_boxes():
     vol = np.zeros((5, 40, 40), np.float32)
     box = np.array([7, 7, 33, 33], float)  # wide enough for the whole object on the seed
     fake = _ShrinkingPredictor()
-    plain = propagate(fake, vol, 2, box=box, rules=replace(StopRules(), retry_margins=()))
+    rules = replace(StopRules(), retry_margins=())
+    plain = propagate(fake, vol, 2, box=box, rules=rules, orthogonal=False)
     assert plain.mask[2].sum() == 400 and plain.mask[3].sum() == 16  # tight box: 22 px
     fake = _ShrinkingPredictor()
-    result = propagate(fake, vol, 2, box=box, rules=StopRules(max_intensity_shift=None))
+    rules = StopRules(max_intensity_shift=None)
+    result = propagate(fake, vol, 2, box=box, rules=rules, orthogonal=False)
     assert all(result.mask[i].sum() == 400 for i in range(5))
     assert any(len(b) == len(StopRules().retry_margins) for b in fake.boxes)  # one batched call
+
+
+class _ThresholdPredictor:
+    """A stand-in model: the mask is the bright pixels inside the box. On the walk's plane
+    ((Y, X) slices of ``walk_shape``) it also claims the row just below the object: an error
+    that the two orthogonal planes do not make."""
+
+    def __init__(self, walk_shape, below_row):
+        self.walk_shape, self.below_row = walk_shape, below_row
+
+    def set_image(self, *args, **kwargs):
+        raise AssertionError("propagate should use encode")
+
+    def encode(self, image, window=None, prompts=None):
+        return np.asarray(image)
+
+    def predict(self, point_coords=None, point_labels=None, box=None, multimask_output=False,
+                embedding=None):  # fmt: skip
+        boxes = np.atleast_2d(box)
+        masks = np.zeros((len(boxes), 1, *embedding.shape), bool)
+        for k, (x0, y0, x1, y1) in enumerate(np.round(boxes).astype(int)):
+            inside = np.zeros(embedding.shape, bool)
+            inside[y0:y1, x0:x1] = True
+            masks[k, 0] = inside & (embedding > 0.5)
+            if embedding.shape == self.walk_shape and masks[k, 0].any():
+                cols = np.flatnonzero(masks[k, 0].any(axis=0))
+                masks[k, 0, self.below_row, cols] = True
+        scores, logits = np.ones((len(boxes), 1)), np.where(masks, 5.0, -5.0)
+        return (masks, scores, logits) if np.ndim(box) == 2 else (masks[0], scores[0], logits[0])
+
+
+def test_the_orthogonal_vote_keeps_what_two_of_three_views_hold():
+    """The walk's plane adds a row below a cube on every slice; the two other planes, prompted
+    from the walk's cross-sections, do not: the vote removes the row on every slice but the
+    prompted one (which keeps the prompts' own mask); not after a walk cut by ``max_slices``."""
+    truth = np.zeros((20, 30, 40), bool)
+    truth[5:15, 8:18, 10:25] = True
+    vol = truth.astype(np.float32)
+    fake = _ThresholdPredictor(walk_shape=(30, 40), below_row=18)
+    rules = StopRules(max_intensity_shift=None, retry_margins=())
+    box = np.array([9, 7, 26, 19], float)
+    walk = propagate(fake, vol, 10, box=box, rules=rules, orthogonal=False)
+    row = np.zeros_like(truth)
+    row[5:15, 18, 10:25] = True
+    np.testing.assert_array_equal(walk.mask, truth | row)
+    assert walk.vote is None
+
+    voted = propagate(fake, vol, 10, box=box, rules=rules)
+    expected = truth.copy()
+    expected[10] |= row[10]  # the prompted slice is the prompts' own answer
+    np.testing.assert_array_equal(voted.mask, expected)
+    assert voted.vote.slices == {1: 11, 2: 15}  # rows 8-18 and columns 10-24 of the walk
+    assert (voted.vote.added, voted.vote.removed) == (0, int(row.sum()) - 15)
+    assert voted.encodes == 1 + len(voted.up.slices) + len(voted.down.slices) + 11 + 15
+
+    near = propagate(fake, vol, 10, box=box, rules=rules, max_slices=2)
+    assert near.vote is None  # a walk cut by max_slices has cut cross-sections: no vote
+    assert not near.mask[:8].any() and not near.mask[13:].any()
+    inside = propagate(fake, vol, 10, box=box, rules=rules, max_slices=6)  # ends before 6
+    np.testing.assert_array_equal(inside.mask, voted.mask)
+
+    progress = []
+    dropped = propagate(fake, vol, 10, box=box, rules=rules, on_vote=lambda *a: progress.append(a))
+    assert progress[-1] == (26, 26)  # (done, total) after each orthogonal slice
+    stopped = propagate(fake, vol, 10, box=box, rules=rules, on_vote=lambda done, total: True)
+    assert stopped.vote is None and dropped.vote is not None
+    np.testing.assert_array_equal(stopped.mask, walk.mask)  # a dropped vote leaves the walk's

@@ -339,6 +339,7 @@ def _row(case: LesionCase, setting: str, result: Propagation) -> dict:
         "down": _stop_text(result.down),
         "up": _stop_text(result.up),
         "encodes": result.encodes,
+        "vote": "" if result.vote is None else result.vote.describe(),
         "seconds": round(result.seconds, 1),
         **case.meta,
     }
@@ -349,35 +350,38 @@ def _stop_text(report) -> str:
     return f"{report.reason}@{where}"
 
 
-# The stop rules chosen on the tuning cases (docs/propagation/README.md): ``default`` is
-# StopRules() (tight box + 1 px); ``margin`` the best mean on the tuning cases, whose lead comes
-# from one failed case only.
+# What bench-3d compares, as keyword arguments of propagate (docs/propagation/README.md):
+# ``default`` is the shipped walk (StopRules(): tight box + 1 px) with the orthogonal vote;
+# ``walk only`` the same walk without the vote (no extra encodes: the walk's are shared);
+# ``margin`` the stop rules' runner-up on the tuning cases (its lead came from one case).
 VARIANTS = {
-    "default": StopRules(),
-    "margin": StopRules(margin=0.1, margin_px=2.0, max_growth=math.inf),
+    "default": {},
+    "walk only": {"orthogonal": False},
+    "margin": {"rules": StopRules(margin=0.1, margin_px=2.0, max_growth=math.inf)},
 }
+DEFAULT_VARIANTS = ("default", "walk only")
 
 
 def run(split="test", settings=SETTINGS, variants=None,
         progress: Callable[[str], None] | None = None,
         limit: int | None = None, seed: int = 0) -> list[dict]:  # fmt: skip
     """One row per (case, setting, variant): 3D Dice, the slices kept, each direction's stop.
-    ``variants``: {name: StopRules} (default: {"default": StopRules()}); they share each
-    slice's encode."""
-    variants = variants or {"default": StopRules()}
+    ``variants``: {name: keyword arguments of propagate} (default: those of DEFAULT_VARIANTS);
+    they share each slice's encode."""
+    variants = variants or {name: VARIANTS[name] for name in DEFAULT_VARIANTS}
     cases = lesion_cases(split, seed)[:limit]
     rows = []
     for setting in settings:
         predictor = make_predictor(setting)
         for case in cases:
             memo = _MemoPredictor(predictor)
-            for name, rules in variants.items():
-                result = run_case(memo, case, rules)
+            for name, kwargs in variants.items():
+                result = run_case(memo, case, **kwargs)
                 rows.append(_row(case, setting, result) | {"variant": name})
                 if progress is not None:
                     r = rows[-1]
                     progress(f"{setting} {name} {case.name}: Dice {r['dice']:.3f}, "
-                             f"down {r['down']}, up {r['up']}, {r['encodes']} slices, "
+                             f"down {r['down']}, up {r['up']}, {r['encodes']} encodes, "
                              f"{r['seconds']} s")  # fmt: skip
     return rows
 
@@ -429,6 +433,10 @@ class _MemoPredictor:
         if key not in self.memo:
             self.memo[key] = self.predictor.encode(image, window, prompts)
         return self.memo[key]
+
+    @property
+    def spec(self):
+        return self.predictor.spec
 
     def set_image(self, *args, **kwargs):  # propagate only needs encode + predict here
         raise NotImplementedError
@@ -493,7 +501,7 @@ def tune(progress: Callable[[str], None] | None = None, seed: int = 0, extra: in
         for name in names:
             loose = StopRules(**PROMPTING[name]).without_stops()
             start = time.perf_counter()
-            result = run_case(memo, case, loose, max_slices=int(reach))
+            result = run_case(memo, case, loose, max_slices=int(reach), orthogonal=False)
             counts = _counts(result, case.truth, case.axis)
             if progress is not None:
                 seconds = time.perf_counter() - start

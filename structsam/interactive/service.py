@@ -25,6 +25,7 @@ __all__ = [
     "EncoderService",
     "ModelPool",
     "PropagationStep",
+    "VoteProgress",
     "Stats",
     "StatsBook",
     "shared_service",
@@ -325,12 +326,15 @@ class EncoderService:
         """Stream :func:`structsam.interactive.propagate` of the object prompted on slice
         ``z`` (``box``, one positive ``point`` or None, image pixels) through ``volume`` (Z, Y, X):
         yields a :class:`PropagationStep` per kept slice as soon as it exists, then one per
-        direction that stopped before the edge. ``known``: slice -> Embedding already made
-        under ``settings`` (not encoded again). ``spacing``: voxel size per axis (slices are
-        encoded on square pixels; ``known`` holds embeddings of those). Runs the walk in a
-        helper thread (the service's forward lock held); ``cancelled()`` stops it within one
-        encoder block (:class:`EncodeCancelled`)."""
+        direction that stopped before the edge; during the orthogonal vote
+        :class:`VoteProgress`, then a step (``voted``) per slice that the vote changed.
+        ``known``: slice -> Embedding already made under ``settings`` (not encoded again).
+        ``spacing``: voxel size per axis (slices are encoded on square pixels; ``known`` holds
+        embeddings of those). Runs the walk in a helper thread (the service's forward lock
+        held); ``cancelled()`` stops it within one encoder block (:class:`EncodeCancelled`)."""
         import queue
+
+        import numpy as np
 
         from structsam.identity import sha256_array
 
@@ -344,8 +348,15 @@ class EncoderService:
         events: queue.Queue = queue.Queue()
         stop = threading.Event()
 
+        streamed: dict[int, np.ndarray] = {}
+
         def on_slice(record, mask):
+            streamed[record.index] = mask
             events.put(PropagationStep(record.index, mask, predictor.last))
+            return stop.is_set() or (cancelled is not None and cancelled())
+
+        def on_vote(done, total):
+            events.put(VoteProgress(done, total))
             return stop.is_set() or (cancelled is not None and cancelled())
 
         def run():
@@ -356,12 +367,16 @@ class EncoderService:
                         point_coords=None if point is None else [point],
                         point_labels=None if point is None else [1],
                         window=window, prompt_aware=settings.uses_prompts, callback=on_slice,
-                        max_slices=max_slices, spacing=spacing,
+                        max_slices=max_slices, spacing=spacing, on_vote=on_vote,
                     )  # fmt: skip
                 for report in (result.up, result.down):
                     if report.stopped_at is not None and report.reason not in ("edge", "limit"):
                         text = _stop_text(report.reason, report.detail)
                         events.put(PropagationStep(report.stopped_at, None, None, text))
+                empty = np.zeros(volume.shape[1:3], bool)
+                for i, voted in enumerate(result.mask):  # after the stops: they clear slices
+                    if i != z and not np.array_equal(voted, streamed.get(i, empty)):
+                        events.put(PropagationStep(i, voted, None, voted=True))
                 events.put(None)
             except BaseException as exc:  # noqa: BLE001 (handed to the consumer's thread)
                 events.put(exc)
@@ -400,12 +415,22 @@ def _warm_encode_seconds(model, image, window) -> float:
 @dataclass
 class PropagationStep:
     """One slice of a propagation: its mask and embedding, or (``stopped``) why the walk in
-    that direction ended there."""
+    that direction ended there. ``voted``: the slice as the orthogonal vote changed it (it
+    replaces what the walk gave there)."""
 
     z: int
     mask: object | None  # (H, W) bool; None for a stop
     embedding: object | None
     stopped: str | None = None
+    voted: bool = False
+
+
+@dataclass
+class VoteProgress:
+    """The orthogonal vote after the walk: ``done`` of ``total`` slices segmented."""
+
+    done: int
+    total: int
 
 
 def _known_predictor(model, cache, known: Mapping):
