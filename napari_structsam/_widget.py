@@ -346,7 +346,7 @@ class StructSAMWidget(
         elif isinstance(value, VoteProgress):
             self.progress.setRange(0, max(value.total, 1))
             self.progress.setValue(value.done)
-            self.progress.setFormat("checking in the two other planes (%v/%m)")
+            self.progress.setFormat("voting: other planes (%v/%m)")
 
     @_guarded
     def _on_done(self, job) -> None:
