@@ -25,9 +25,9 @@ __all__ = [
     "EncoderService",
     "ModelPool",
     "PropagationStep",
-    "VoteProgress",
     "Stats",
     "StatsBook",
+    "VoteProgress",
     "shared_service",
 ]
 
