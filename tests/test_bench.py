@@ -20,7 +20,15 @@ from structsam.eval.protocol import (
     run_bench,
     well_posed,
 )
-from structsam.eval.report import bench_plots, bench_table, paired, spectral_plot, verdicts
+from structsam.eval.report import (
+    at_equal_compute,
+    bench_plots,
+    bench_table,
+    equal_compute_table,
+    paired,
+    spectral_plot,
+    verdicts,
+)
 from structsam.eval.spectral import global_distortion, spectral_distortion, window_distortion
 from structsam.eval.synthetic import coin_cases, phantom_cases
 
@@ -182,6 +190,42 @@ def test_a_first_place_bought_with_a_smaller_cut_is_flagged():
     res["settings"][0]["flops_cut"] = 0.288  # within MATCH of -30 %, but 1.2 points less
     (line,) = verdicts(res)
     assert "→ first" in line and "StructSAM cuts 1.2 points less" in line
+
+
+def test_fidelity_at_equal_compute_is_read_off_each_prompts_own_curve():
+    """Per prompt, fidelity is interpolated at exactly the target cut between the unmerged
+    model (0, 1) and the measured settings; the last segment extends at most 2 points."""
+    measured = {  # method -> target -> prompt -> (cut, fidelity)
+        "structsam": {
+            0.25: {"x": (0.20, 0.96), "y": (0.10, 0.99), "z": (0.30, 0.90)},
+            0.40: {"x": (0.40, 0.92), "y": (0.20, 0.98), "z": (0.30, 0.90)},
+        },
+        "tomesd": {0.30: {"x": (0.30, 0.95), "y": (0.30, 0.97), "z": (0.30, 0.96)}},
+    }
+    settings, per = [], {}
+    for method, by_target in measured.items():
+        for target, rows in by_target.items():
+            settings.append({"method": method, "mode": "plain", "target": target})
+            per[f"{method}/plain@{target:.2f}"] = [
+                {"name": n, "flops": 100 * (1 - c), "fidelity": f} for n, (c, f) in rows.items()
+            ]
+    prompts = [{"name": n, "flops": 100.0, "well_posed": True} for n in "xyz"]
+    res = {"quality": True, "settings": settings, "per_setting_prompts": per}
+    res.update(prompts=prompts, n_well_posed=3)
+    ours = at_equal_compute(res, "structsam", "plain", 0.30)
+    assert ours == pytest.approx({"x": 0.94, "z": 0.90})  # y's largest cut is 10 points short
+    assert at_equal_compute(res, "structsam", "plain", 0.10)["x"] == pytest.approx(0.98)
+    assert at_equal_compute(res, "structsam", "plain", 0.21)["y"] == pytest.approx(0.979)
+    table = equal_compute_table(res)
+    assert "| −30% | content-only | structsam | 2 of 3 | 0.9200 | – |" in table
+    assert "| tomesd | 3 of 3 | 0.9600 | +3.50 ± 2.50 (n = 2) |" in table
+    assert "−30%, content-only, equal compute: StructSAM NOT first (2 of 3" in table
+    assert "ahead of it (pt): tomesd +3.50 ± 2.50" in table
+    for row in per["tomesd/plain@0.30"]:
+        row["fidelity"] -= 0.06  # now 1 and 6 points below StructSAM on x and z
+    table = equal_compute_table(res)
+    assert "−30%, content-only, equal compute: StructSAM first (2 of 3 prompts reached; " in table
+    assert "next tomesd -2.50 ± 2.50 pt)" in table
 
 
 def test_plots_without_spectral_cases_warn_nothing_and_skip_the_empty_picture(tmp_path):

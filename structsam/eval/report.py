@@ -97,6 +97,115 @@ def verdicts(res: dict) -> list[str]:
     return lines
 
 
+def _curves(res: dict, method: str, mode: str) -> dict[str, list[tuple[float, float]]]:
+    """Each well-posed prompt's measured (FLOPs cut, fidelity IoU) points for one method and
+    mode, starting at the unmerged model's (0, 1)."""
+    dense = {p["name"]: p["flops"] for p in res.get("prompts", []) if p.get("well_posed")}
+    per = res.get("per_setting_prompts", {})
+    points: dict[str, list[tuple[float, float]]] = {}
+    for s in res["settings"]:
+        if s["method"] != method or s["mode"] != mode:
+            continue
+        for r in per.get(_key(s), None) or []:
+            if r["name"] in dense:
+                cut = 1 - r["flops"] / dense[r["name"]]
+                points.setdefault(r["name"], [(0.0, 1.0)]).append((cut, r["fidelity"]))
+    return points
+
+
+def at_equal_compute(res: dict, method: str, mode: str, target: float) -> dict[str, float]:
+    """Each prompt's fidelity IoU at exactly ``target`` FLOPs cut of its own image, read off
+    its measured curve: linear between the unmerged model (0, 1) and the method's settings,
+    the last segment extended at most ``MATCH`` past the largest cut measured; a prompt the
+    method did not reach that far has no value. The rates are calibrated on tuning images,
+    so a method's cut differs from image to image (StructSAM's with the flat area); this
+    compares every method at the same compute on every prompt."""
+    out = {}
+    for name, pts in _curves(res, method, mode).items():
+        cut, fid = (np.array(v) for v in zip(*sorted(pts), strict=True))
+        if target <= cut[-1]:
+            out[name] = float(np.interp(target, cut, fid))
+        elif target - cut[-1] <= MATCH:
+            slope = (fid[-1] - fid[-2]) / max(cut[-1] - cut[-2], 1e-9)
+            out[name] = float(min(1.0, fid[-1] + slope * (target - cut[-1])))
+    return out
+
+
+def _paired_values(a: dict[str, float], b: dict[str, float]) -> tuple[float, float, int] | None:
+    diff = np.array([100 * (a[n] - b[n]) for n in a if n in b])
+    if len(diff) < 2:
+        return None
+    return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff))), len(diff)
+
+
+def _equal_compute_rows(res: dict, mode: str, target: float) -> list[tuple]:
+    """(method, prompts reached, mean fidelity, paired difference from ours or None) per
+    method, ranked by the paired difference: the means are over different prompts where a
+    method fell short of the cut on some images."""
+    methods = sorted({s["method"] for s in res["settings"] if s["mode"] == mode})
+    vals = {m: at_equal_compute(res, m, mode, target) for m in methods}
+    ours = vals.get(OURS, {})
+    rows = [
+        (
+            m,
+            len(v),
+            float(np.mean(list(v.values()))),
+            None if m == OURS else _paired_values(v, ours),
+        )
+        for m, v in vals.items()
+        if v
+    ]
+    return sorted(rows, key=lambda r: -(r[3][0] if r[3] else 0.0))
+
+
+def _equal_compute_verdict(rows: list[tuple], n_all: int, where: str) -> str | None:
+    mine = [r for r in rows if r[0] == OURS]
+    rivals = [r for r in rows if _base(r[0]) not in (OURS, "random") and r[3]]
+    if not mine or not rivals:
+        return None
+    line = f"- {where}, equal compute: StructSAM "
+    ahead = [f"{m} {g[0]:+.2f} ± {g[1]:.2f}" for m, _, _, g in rivals if g[0] > 0]
+    if ahead:
+        line += f"NOT first ({mine[0][1]} of {n_all} prompts reached); ahead of it (pt): "
+        return line + ", ".join(ahead)
+    m, _, _, g = rivals[0]  # the closest rival
+    return (
+        line
+        + f"first ({mine[0][1]} of {n_all} prompts reached; next {m} {g[0]:+.2f} ± {g[1]:.2f} pt)"
+    )
+
+
+def equal_compute_table(res: dict) -> str:
+    """Markdown: every method's fidelity IoU at exactly each target cut, per prompt
+    (:func:`at_equal_compute`), with the paired difference from StructSAM of the same mode
+    and a verdict per mode and target."""
+    if not res.get("quality") or not res.get("per_setting_prompts"):
+        return ""
+    n_all = res["n_well_posed"]
+    out = [
+        "**At equal compute on every prompt** (fidelity IoU read off each prompt's measured "
+        "curve at exactly the target cut of its own image; a prompt counts where the method's "
+        f"largest cut came within {MATCH:.0%} of the target; Δ: paired per-prompt difference "
+        "from StructSAM of the same mode on the prompts both reached, points, mean ± s.e.)",
+        "",
+        "| cut | mode | method | prompts | fidelity IoU | Δ vs ours |",
+        "|---|---|---|---|---|---|",
+    ]
+    verdicts_ = []
+    for mode in ("plain", "prompt"):
+        label = "prompt-aware" if mode == "prompt" else "content-only"
+        for target in sorted({s["target"] for s in res["settings"]}):
+            rows = _equal_compute_rows(res, mode, target)
+            for m, n, mean, g in rows:
+                delta = f"{g[0]:+.2f} ± {g[1]:.2f} (n = {g[2]})" if g else "–"
+                out.append(
+                    f"| −{target:.0%} | {label} | {m} | {n} of {n_all} | {mean:.4f} | {delta} |"
+                )
+            line = _equal_compute_verdict(rows, n_all, f"−{target:.0%}, {label}")
+            verdicts_ += [line] if line else []
+    return "\n".join(out + [""] + verdicts_) + "\n"
+
+
 def _row(res: dict, s: dict, ours: dict | None) -> str:
     mode = "prompt-aware" if s["mode"] == "prompt" else "content"
     if "flops_cut" not in s:
@@ -160,6 +269,9 @@ def bench_table(res: dict) -> str:
     lines = verdicts(res)
     if lines:
         text += "\n" + "\n".join(lines) + "\n"
+    equal = equal_compute_table(res)
+    if equal:
+        text += "\n" + equal
     return text
 
 
