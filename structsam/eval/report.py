@@ -185,8 +185,9 @@ def equal_compute_table(res: dict) -> str:
     out = [
         "**At equal compute on every prompt** (fidelity IoU read off each prompt's measured "
         "curve at exactly the target cut of its own image; a prompt counts where the method's "
-        f"largest cut came within {MATCH:.0%} of the target; Δ: paired per-prompt difference "
-        "from StructSAM of the same mode on the prompts both reached, points, mean ± s.e.)",
+        f"largest cut came within {100 * MATCH:.0f} points of the target; Δ: paired per-prompt "
+        "difference from StructSAM of the same mode on the prompts both reached, points, mean "
+        "± s.e.)",
         "",
         "| cut | mode | method | prompts | fidelity IoU | Δ vs ours |",
         "|---|---|---|---|---|---|",
