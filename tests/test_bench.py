@@ -226,6 +226,7 @@ def test_fidelity_at_equal_compute_is_read_off_each_prompts_own_curve():
     table = equal_compute_table(res)
     assert "−30%, content-only, equal compute: StructSAM first (2 of 3 prompts reached; " in table
     assert "next tomesd -2.50 ± 2.50 pt)" in table
+    assert equal_compute_table({**res, "prompts": []}) == ""  # no per-prompt FLOPs: no table
 
 
 def test_plots_without_spectral_cases_warn_nothing_and_skip_the_empty_picture(tmp_path):

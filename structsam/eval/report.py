@@ -192,7 +192,7 @@ def equal_compute_table(res: dict) -> str:
         "| cut | mode | method | prompts | fidelity IoU | Δ vs ours |",
         "|---|---|---|---|---|---|",
     ]
-    verdicts_ = []
+    verdicts_, head = [], len(out)
     for mode in ("plain", "prompt"):
         label = "prompt-aware" if mode == "prompt" else "content-only"
         for target in sorted({s["target"] for s in res["settings"]}):
@@ -204,6 +204,8 @@ def equal_compute_table(res: dict) -> str:
                 )
             line = _equal_compute_verdict(rows, n_all, f"−{target:.0%}, {label}")
             verdicts_ += [line] if line else []
+    if len(out) == head:  # results without per-prompt FLOPs (written before 2026-12-01)
+        return ""
     return "\n".join(out + [""] + verdicts_) + "\n"
 
 
