@@ -222,7 +222,7 @@ def test_fidelity_at_equal_compute_is_read_off_each_prompts_own_curve():
     assert "−30%, content-only, equal compute: StructSAM NOT first (2 of 3" in table
     assert "ahead of it (pt): tomesd +3.50 ± 2.50" in table
     for row in per["tomesd/plain@0.30"]:
-        row["fidelity"] -= 0.06  # now 1 and 6 points below StructSAM on x and z
+        row["fidelity"] -= 0.06  # now 5 and 0 points below StructSAM on x and z
     table = equal_compute_table(res)
     assert "−30%, content-only, equal compute: StructSAM first (2 of 3 prompts reached; " in table
     assert "next tomesd -2.50 ± 2.50 pt)" in table

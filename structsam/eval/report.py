@@ -27,10 +27,7 @@ def paired(res: dict, a: dict, b: dict, field: str = "dice") -> tuple[float, flo
         return None
     va = {r["name"]: r[field] for r in per[_key(a)]}
     vb = {r["name"]: r[field] for r in per[_key(b)]}
-    diff = np.array([100 * (va[n] - vb[n]) for n in va if n in vb])
-    if len(diff) < 2:
-        return None
-    return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff))), len(diff)
+    return _paired_values(va, vb)
 
 
 def worst_cases(res: dict, a: dict, b: dict, count: int = 3) -> list[tuple[str, float]]:
@@ -132,6 +129,7 @@ def at_equal_compute(res: dict, method: str, mode: str, target: float) -> dict[s
 
 
 def _paired_values(a: dict[str, float], b: dict[str, float]) -> tuple[float, float, int] | None:
+    """Mean and standard error (points) of a - b over the prompts both hold, and their count."""
     diff = np.array([100 * (a[n] - b[n]) for n in a if n in b])
     if len(diff) < 2:
         return None
