@@ -301,6 +301,7 @@ _BENCH_DEFAULTS = {
     "cache": None,
     "quick": False,
     "quiet": False,
+    "seeds": 1,
 }
 # --quick: a first look in a few minutes (one cut, box prompts, fewer cases, no timing)
 _QUICK = {"flops_reductions": "0.30", "prompts": "box", "limit": 30, "repeats": 0}
@@ -349,6 +350,7 @@ def _bench_model(args, name, ckpt, settings, log_file, on_update):
         spectral_count=1 if not quality else args.spectral_cases,
         cache_dir=cache,
         split=args.split,
+        seeds=args.seeds,
     )
     with tqdm(total=len(cases), desc=name, unit="encode", disable=args.quiet) as bar:
 
@@ -674,6 +676,12 @@ def build_parser(extra_commands=()) -> argparse.ArgumentParser:
     be.add_argument("--calibration-cases", type=int, default=4)
     be.add_argument("--spectral-cases", type=int, default=3)
     be.add_argument("--repeats", type=int, default=3, help="timed encodes per setting (0: none)")
+    be.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="seeds of a randomized method (ToMeSD, VidToMe, random), averaged per prompt",
+    )
     be.add_argument(
         "--cache", default=None, help="dense-pass cache folder (default OUT/dense_cache)"
     )

@@ -271,6 +271,31 @@ def test_run_bench_end_to_end(litemedsam, tmp_path):
     json.dumps(res, default=float)
 
 
+def test_a_randomized_method_is_averaged_over_seeds(litemedsam):
+    from structsam.eval.protocol import dense_pass, make_prompts, score_setting
+
+    cases = coin_cases(1)
+    prompts = make_prompts(cases, ("box",))
+    dense = dense_pass("litemedsam", litemedsam, cases, prompts)
+
+    def score(spec, seeds):
+        s = Setting(spec, "plain", 0.4, rate=0.6)
+        rows = score_setting(litemedsam, s, cases, prompts, dense, [0], seeds=seeds)
+        return rows[0], s.summary
+
+    single = [score(f"tomesd[seed={k}]", 1)[0] for k in (0, 1)]
+    assert single[0]["fidelity"] != single[1]["fidelity"]  # two draws, two masks
+    mean, summary = score("tomesd", 2)
+    assert summary["fidelity_seeds"] == pytest.approx([r["fidelity"] for r in single])
+    for key in ("fidelity", "dice", "flops"):
+        assert mean[key] == pytest.approx((single[0][key] + single[1][key]) / 2)
+    assert mean["name"] == single[0]["name"]
+    _, summary = score("tome", 3)  # deterministic: scored once
+    assert "fidelity_seeds" not in summary
+    _, summary = score("structsam", 2)  # random destinations since 2026-12-07
+    assert len(summary["fidelity_seeds"]) == 2
+
+
 def test_cli_method_specs_and_quick_preset(monkeypatch):
     from structsam import cli
 

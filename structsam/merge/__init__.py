@@ -25,6 +25,9 @@ class MethodInfo:
     # (StructSAM: far background first)
     prompt_extras: bool
     rate_meaning: str
+    # its groups are drawn from the engine's seeded generator (StructSAM, ToMeSD, VidToMe,
+    # random), so one seed is one draw: ``structsam bench --seeds`` averages over several
+    randomized: bool = False
 
 
 METHODS: dict[str, MethodInfo] = {
@@ -33,8 +36,10 @@ METHODS: dict[str, MethodInfo] = {
         structsam_merge,
         0.75,
         True,
-        "fraction of tokens removed per stage by the flattest 2x2 cells image-wide "
-        "(wide flat areas merge further; calibrate on FLOPs)",
+        "fraction of tokens merged per stage into a random destination among the four 2x2 "
+        "cells around them, most similar first, image-wide (whole flat 4x4 blocks merge "
+        "further; calibrate on FLOPs)",
+        randomized=True,
     ),
 }
 

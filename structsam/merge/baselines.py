@@ -67,11 +67,14 @@ BASELINES = (
 )
 
 NAMES = tuple(entry[0] for entry in BASELINES)
+# the baselines whose destinations are drawn at random (from the engine's seeded generator)
+RANDOMIZED = ("tomesd", "vidtome", "random")
 
 
 def register(methods: dict, method_info_cls) -> dict:
     """Add the baselines to ``methods`` as ``method_info_cls(name, fn, max_rate, prompt_extras,
-    rate_meaning)`` entries; returns ``methods``."""
+    rate_meaning, randomized)`` entries; returns ``methods``."""
     for name, fn, max_rate, prompt_extras, meaning in BASELINES:
-        methods[name] = method_info_cls(name, fn, max_rate, prompt_extras, meaning)
+        info = method_info_cls(name, fn, max_rate, prompt_extras, meaning, name in RANDOMIZED)
+        methods[name] = info
     return methods

@@ -166,7 +166,7 @@ class MergeConfig:
             input_size=int(input_size),
             options=MappingProxyType(options),
             prompts=None if prompts is None else MappingProxyType(dict(prompts)),
-            seed=seed,
+            seed=int(seed),
             precision=str(precision),
             prompt_margin=float(engine["prompt_margin"]),
             point_radius=float(engine["point_radius"]),
