@@ -264,17 +264,18 @@ def test_far_larger_images_warn_or_are_refused(litemedsam):
 
 def test_a_changed_method_default_misses_the_cache(merged, image, monkeypatch):
     """The key holds the method's effective options, defaults included: embeddings cached
-    before a default changed in the code (StructSAM's prompt focus went from 3 to 6) must not
-    be served for the new one."""
+    before a default changed in the code (StructSAM's prompt focus went from 3 to 6, then
+    changed meaning) must not be served for the new one."""
     from structsam.merge import structsam as structsam_method
 
+    defaults = structsam_method.structsam_merge.__kwdefaults__
     base = embedding_key(merged, image, prompts={"box": BOX})
-    structsam.patch(merged, "structsam", 0.3, prompt_focus=6.0)  # the default, spelled out
+    focus = defaults["prompt_focus"]
+    structsam.patch(merged, "structsam", 0.3, prompt_focus=focus)  # the default, spelled out
     assert embedding_key(merged, image, prompts={"box": BOX}) == base
 
-    old_defaults = structsam_method.structsam_merge.__kwdefaults__
     monkeypatch.setattr(
-        structsam_method.structsam_merge, "__kwdefaults__", {**old_defaults, "prompt_focus": 3.0}
+        structsam_method.structsam_merge, "__kwdefaults__", {**defaults, "prompt_focus": 2 * focus}
     )
     structsam.patch(merged, "structsam", 0.3)
     assert embedding_key(merged, image, prompts={"box": BOX}) != base

@@ -7,6 +7,9 @@ from structsam.merge import Grid, Plan
 from structsam.merge.energy import token_energy
 from structsam.merge.structsam import structsam_merge
 
+# the earlier rule (until 2026-12-07): each source merges into its own cell's lowest-energy token
+OWN_CELL = {"match": "cell", "destination": "energy"}
+
 
 def _step_features(h=8, w=8, c=16, edge_col=4):
     """Two flat halves with a vertical edge between columns edge_col-1 and edge_col."""
@@ -60,7 +63,7 @@ def test_edge_cells_are_protected_and_flat_cells_merged(rate, screen):
     # 12 flat cells cover 32 = 0.5 * 64 (screen 1) and 2 * 16 = 0.25 * 64 * 2 (screen 2)
     feat = _step_features(edge_col=5)  # edge inside the cells of columns 4-5
     grid = Grid(8, 8, None)
-    dst, protected = structsam_merge(feat, grid, rate=rate, coarse=0, screen=screen)
+    dst, protected = structsam_merge(feat, grid, rate=rate, coarse=0, screen=screen, **OWN_CELL)
     dst, protected = dst[0].view(8, 8), protected[0].view(8, 8)
     # columns 4-5 hold the edge (energy at 4 and 5): their cells are protected, never merged
     assert protected[:, 4:6].all()
@@ -77,7 +80,7 @@ def test_screen_lets_similarity_pick_sources_among_candidate_cells():
     feat = torch.randn(1, 8, 8, 16)
     grid = Grid(8, 8, None)
     budget = 16
-    dst, protected = structsam_merge(feat, grid, rate=budget / 64, coarse=0, screen=2.0)
+    dst, protected = structsam_merge(feat, grid, rate=budget / 64, coarse=0, screen=2.0, **OWN_CELL)
     dst, protected = dst[0], protected[0]
     idx = torch.arange(64)
     merged = dst != idx
@@ -99,12 +102,12 @@ def test_screen_lets_similarity_pick_sources_among_candidate_cells():
     assert sims_left and min(sims_merged) >= max(sims_left)
 
 
-def test_destination_is_the_lowest_energy_token_of_its_cell():
+def test_energy_destination_is_the_lowest_energy_token_of_its_cell():
     torch.manual_seed(1)
     feat = torch.randn(1, 4, 4, 8) * 0.01
     feat[0, 0, 0] += 5.0  # a spike: high energy around (0, 0)
     grid = Grid(4, 4, None)
-    dst, _ = structsam_merge(feat, grid, rate=0.75, coarse=0)
+    dst, _ = structsam_merge(feat, grid, rate=0.75, coarse=0, **OWN_CELL)
     e = token_energy(feat, "dirichlet")[0].reshape(-1)
     for cell in range(grid.n_cells):
         members = torch.nonzero(grid.cell_id == cell).squeeze(1)
@@ -150,7 +153,8 @@ def test_sparse_merge_equals_the_group_mean_on_a_real_plan(dtype):
     torch.manual_seed(0)
     grid = Grid(28, 28, window=14)
     feat = torch.nn.functional.avg_pool2d(torch.randn(2, 16, 28, 28), 5, 1, 2)
-    dst, _ = structsam_merge(feat.permute(0, 2, 3, 1).contiguous(), grid, rate=0.5)
+    feat = feat.permute(0, 2, 3, 1).contiguous()
+    dst, _ = structsam_merge(feat, grid, rate=0.5, screen=2.0, rough=0.05, **OWN_CELL)
     plan = Plan.from_dst(dst, grid)
     x = torch.randn(2, grid.n, 8)
     ref = torch.zeros(plan.n_reduced, 8).index_add_(0, plan.group, x.reshape(-1, 8))
@@ -172,7 +176,7 @@ def test_padding_patterns_of_a_window_layout():
 def test_coarse_merges_a_whole_flat_4x4_block_into_one_token():
     feat = _step_features(edge_col=5)
     grid = Grid(8, 8, None)
-    dst, _ = structsam_merge(feat, grid, rate=36 / 64, coarse=1, screen=1.0)
+    dst, _ = structsam_merge(feat, grid, rate=36 / 64, coarse=1, screen=1.0, **OWN_CELL)
     d = dst[0].view(8, 8)
     # columns 0-3 are flat and wholly chosen: each 4x4 block becomes one group
     assert len(d[:4, :4].unique()) == 1 and len(d[4:, :4].unique()) == 1
@@ -192,12 +196,114 @@ def test_roughest_cells_stay_protected_at_high_rates(rough):
     noise = torch.randn(16, 16, 8) * torch.linspace(0, 2, 16)[:, None, None]
     feat = (base + noise)[None]
     rate = 0.46
-    dst, protected = structsam_merge(feat, grid, rate=rate, coarse=0, screen=2.0, rough=rough)
+    dst, protected = structsam_merge(
+        feat, grid, rate=rate, coarse=0, screen=2.0, rough=rough, **OWN_CELL
+    )
     cells = protected[0].view(16, 16)[::2, ::2]  # one token per 2x2 cell
     assert int(cells.sum()) >= rough * 64 - 1  # the roughest cells are never candidates
     assert int((dst[0] != torch.arange(256)).sum()) == round(rate * 256)
     # the protected cells are the roughest: the noisy bottom rows
     assert cells[-2:].float().mean() > cells[:2].float().mean()
     # without the cap every cell is a candidate
-    _, none = structsam_merge(feat, grid, rate=rate, coarse=0, screen=2.0, rough=0.0)
+    _, none = structsam_merge(feat, grid, rate=rate, coarse=0, screen=2.0, rough=0.0, **OWN_CELL)
     assert not none.any()
+
+
+def _cell_destinations(grid, seed):
+    from structsam.merge.structsam import random_cells_dst
+
+    return random_cells_dst(grid, 1, torch.Generator().manual_seed(seed), "cpu")[0]
+
+
+def test_sources_take_the_most_similar_destination_of_the_four_cells_around_them():
+    torch.manual_seed(5)
+    grid = Grid(12, 12, window=6)
+    feat = torch.nn.functional.avg_pool2d(torch.randn(1, 8, 12, 12), 3, 1, 1)
+    feat = feat.permute(0, 2, 3, 1).contiguous()
+    dst, _ = structsam_merge(
+        feat, grid, rate=0.3, coarse=0, generator=torch.Generator().manual_seed(7)
+    )
+    dst = dst[0]
+    cell_dst = _cell_destinations(grid, 7)
+    f = torch.nn.functional.layer_norm(feat[0].reshape(144, 8), (8,))
+    best = {}
+    for t in range(144):
+        if int(cell_dst[grid.cell_id[t]]) == t:
+            continue  # a destination is never a source
+        y, x = divmod(t, 12)
+        # reference: every destination of a cell that the 3x3 neighbourhood touches, same window
+        near = {
+            int(cell_dst[grid.cell_id[(y + dy) * 12 + x + dx]])
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+            if 0 <= y + dy < 12
+            and 0 <= x + dx < 12
+            and grid.window_id[(y + dy) * 12 + x + dx] == grid.window_id[t]
+        }
+        sims = {d: float(f[t] @ f[d]) / 8 for d in near}
+        best[t] = max(sims.values())
+        if dst[t] != t:
+            assert int(dst[t]) in near and sims[int(dst[t])] == pytest.approx(best[t], abs=1e-5)
+    merged = [best[t] for t in best if dst[t] != t]
+    assert len(merged) == round(0.3 * 144)
+    assert min(merged) >= max(best[t] for t in best if dst[t] == t) - 1e-6  # most similar first
+
+
+def test_random_destinations_follow_the_seed_and_every_destination_is_kept():
+    feat = torch.nn.functional.avg_pool2d(torch.randn(1, 8, 32, 32), 5, 1, 2)
+    feat = feat.permute(0, 2, 3, 1).contiguous()
+    feat[:, :12, :12] = feat[:, :1, :1]  # a flat corner, where whole 4x4 blocks form
+    grid = Grid(32, 32, window=14)
+
+    def run(seed):
+        return structsam_merge(feat, grid, rate=0.5, generator=torch.Generator().manual_seed(seed))[
+            0
+        ]
+
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    for dst in (a, c):
+        assert torch.equal(dst.gather(1, dst), dst)  # coarse groups absorbed their neighbours
+        plan = Plan.from_dst(dst, grid)
+        assert int(plan.size.max()) >= 16  # whole 4x4 blocks merged
+        assert (grid.window_id[dst[0]] == grid.window_id).all()  # never across a window
+
+
+def test_prompt_focus_merges_far_background_first():
+    # flat: one feature vector plus faint noise, every source about as similar as any other
+    gen = torch.Generator().manual_seed(0)
+    feat = torch.tensor([1.0, -1.0, 0.5, 2.0]) + 1e-3 * torch.randn(1, 16, 16, 4, generator=gen)
+    grid = Grid(16, 16, None)
+    protect = torch.zeros(16, 16, dtype=torch.bool)
+    protect[2:4, 2:4] = True
+    yy, xx = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    far = ((yy - 3).square() + (xx - 3).square()).sqrt().reshape(-1)
+
+    def mean_distance(focus):
+        dst, protected = structsam_merge(
+            feat, grid, rate=0.2, protect=protect, prompt_focus=focus, coarse=0,
+            generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+        assert protected[0].view(16, 16)[2:4, 2:4].all()
+        return float(far[dst[0] != torch.arange(256)].mean())
+
+    assert mean_distance(0.2) > mean_distance(0.0) + 2
+
+
+def test_unknown_match_or_destination_is_refused():
+    feat = torch.zeros(1, 4, 4, 4)
+    with pytest.raises(ValueError, match="match='window'"):
+        structsam_merge(feat, Grid(4, 4, None), 0.5, match="window")
+
+
+def test_no_group_spans_an_edge_inside_a_cell():
+    # the edge runs inside the cells of columns 4-5: their sources merge into the cells beside
+    # them, on their own side; such a cell is not one group, so its 4x4 block must not coarsen
+    feat = _step_features(h=8, w=16, edge_col=5)
+    grid = Grid(8, 16, None)
+    for seed in range(5):
+        dst, _ = structsam_merge(feat, grid, 0.7, generator=torch.Generator().manual_seed(seed))
+        side = (torch.arange(128) % 16 >= 5).long()
+        plan = Plan.from_dst(dst, grid)
+        sides = torch.zeros(plan.n_reduced, 2).index_put_((plan.group, side), torch.ones(128))
+        assert not (sides > 0).all(1).any(), f"seed {seed}: a group spans the edge"

@@ -1,48 +1,46 @@
-"""StructSAM: energy-guided, flatness-screened token merging (the paper's method).
+"""StructSAM: structure-aware token merging with recovery (the paper's method, as tuned here).
 
 1. Energy: first-order spatial differences of the normalised features on the token grid: each
    token's squared differences to its four neighbours (``energy="dirichlet"``, its share of the
-   grid graph's Dirichlet energy). Sobel (``"sobel"``, central differences) is blind to a
-   one-token peak, which is what a small lesion is at LiteMedSAM's 16 x 16 stages: on the
-   tuning split Dirichlet energy raised content-only fidelity at -25/-30/-40 % FLOPs from
-   0.931/0.923/0.925 to 0.942/0.925/0.929 (docs/bench_tuning/README.md).
-2. Flatness screening: the grid is cut into 2x2 cells inside attention windows; a cell's flatness
-   is its *maximum* energy, so one edge token protects its whole cell. Only the flattest cells
-   are merged; every token of another cell is protected (boundaries), and so is every cell
-   touching a prompt region in prompt-aware mode.
-3. Destination: the lowest-energy token of each selected cell. Sources are ranked by their
-   cosine similarity to it and the most similar are merged until the budget is met (the least
-   similar stay as they are), as in the co-authors' "cell PiToMe" matching. ``screen`` sets how
-   many cells are candidates: the flattest cells holding ``screen`` times the budget, capped so
-   that the roughest ``rough`` fraction of the cells (by their removable tokens) is never a
-   candidate unless the budget needs it. At ``screen=1`` every candidate cell merges whole; at 2
-   (default) flatness screens out the roughest cells and similarity picks the sources among the
-   rest. Without the cap (``rough=0``) ``screen=2`` made every cell a candidate beyond a rate of
-   3/8 (-40 % FLOPs needs about 0.46), and flatness protected nothing. The defaults were chosen
-   on the tuning split (docs/bench_tuning/README.md).
-4. Recovery: each source token takes its group's update back (``Plan.unmerge``).
+   grid graph's Dirichlet energy). It picks each coarse group's representative, and drives the
+   optional flatness screen below. Sobel (``"sobel"``, central differences) is blind to a
+   one-token peak, which is what a small lesion is at LiteMedSAM's 16 x 16 stages.
+2. Cells and destinations: the grid is cut into 2x2 cells inside attention windows; each cell
+   has one destination, drawn at random from the engine's seeded generator
+   (``destination="random"``, as ToMeSD draws it; ``"energy"``: the cell's lowest-energy
+   token). Every other token of a cell is a source.
+3. Matching: each source takes the most similar destination (cosine, on the normalised
+   features) among the four cells its 3x3 neighbourhood touches, in its own window
+   (``match="neighbours"``; ``"cell"``: its own cell's only). Sources are ranked by that
+   similarity and the most similar merge until the budget is met. In prompt-aware mode the
+   cells touching the prompt region are protected (never a source, never a destination) and
+   the similarity of a source near the prompt is lowered by ``prompt_focus`` times
+   exp(-distance to the prompt box / (``focus_scale`` x grid side)), so the budget goes to far
+   background first.
+4. Coarsening (``coarse=1``): a 4x4 block whose four cells each merged whole into their own
+   destination becomes one group, represented by its lowest-energy token: wide flat areas
+   give up 15 of 16 tokens. (A cell whose sources went to the cells beside it may straddle an
+   edge; coarsening it too merged across the edge and raised the spectral distortion per
+   window from 0.57 to 6.2 on two test images at -30 % FLOPs.)
+5. Recovery: each source token takes its group's update back (``Plan.unmerge``).
 
-``metric_dim=32`` computes energy and similarity on channels averaged in groups of 32 (a
-ToMe-style head mean): on LiteMedSAM it halves the selection time (22 -> 10 ms) and lifts the
-encoder speed-up from about 1.09x to 1.10x (before windows were packed in three size
-classes), but over the 25 evaluation cases the prompt-aware
-Dice drop at -40 % FLOPs grew from 0.83 to 1.01 points (at -30 %: 0.33 -> 0.09), so it is off
-by default.
+The defaults were chosen on the tuning split (docs/bench_tuning/README.md, "Matching among
+neighbours"; 57 well-posed box prompts, fidelity at equal compute per prompt, three seeds of
+each randomized method): content-only +0.36 +- 0.21, +0.11 +- 0.24 and -0.41 +- 0.41 points
+against ToMeSD at -25/-30/-40 % FLOPs, prompt-aware +1.77 +- 0.35, +2.08 +- 0.44 and
++2.13 +- 0.47, where the earlier rule (a flatness screen holding twice the budget, each source
+merging into its own cell's lowest-energy token) was 1.1 and 0.8 points below this one at
+-25/-30 % content-only (1.0 above at -40 %, on the 29 prompts it reached) and 1.1, 1.2 and
+1.9 points below prompt-aware. Lowest-energy destinations and a
+fixed lattice of destinations each cost about 1.1 points at -30 %, a soft flatness penalty on
+the similarity 0.5-1.1. The earlier screen is still there: ``screen`` makes only the flattest
+cells (those holding ``screen`` times the budget) candidates, and ``rough`` keeps the roughest
+fraction of the cells out of reach.
 
-Prompt-aware mode merges the background harder: cells near the prompt region are made to look
-less flat (``prompt_focus`` times the mean flatness, fading with the distance to the prompt box
-over ``focus_scale`` of the grid side), so the budget goes to flat cells far from the object
-first. Both defaults were chosen on the tuning split (docs/bench_tuning/README.md):
-``prompt_focus`` 6 over 3 on its 480-lesion version (fidelity +0.12, +0.13, +0.31 points at
--25/-30/-40 % FLOPs, 57 prompts), ``focus_scale`` 0.3.
-
-``rate`` is the fraction of the grid's tokens removed by the 2x2 cells, spent where the image
-is flat: the budget is shared over the whole image rather than split evenly over windows, so a
-window on an edge may merge nothing while a background window merges 3 of every 4 tokens. With
-``coarse=1`` (default) a 4x4 block whose four cells were all chosen becomes one group, so wide
-flat areas give up 15 of 16 tokens and the removed fraction exceeds ``rate``; compare methods
-on measured FLOPs (``structsam.calibrate``), not on rates. ``coarse=0`` removes exactly
-``rate`` (at most 3/4 of the unprotected tokens).
+``rate`` is the fraction of the grid's tokens removed by the 2x2 cells, image-wide; coarsening
+removes more, so compare methods on measured FLOPs (``structsam.calibrate``), not on rates.
+``metric_dim`` computes energy and similarity on channels averaged in groups of that many (a
+ToMe-style head mean); off by default (it cost 0.2 points of prompt-aware Dice at -40 %).
 """
 
 from __future__ import annotations
@@ -51,6 +49,7 @@ import torch
 
 from .energy import normalise, token_energy
 from .grid import Grid
+from .tomesd import random_cell_dst
 
 INF = float("inf")
 
@@ -76,6 +75,15 @@ def cell_argmin(energy: torch.Tensor, grid: Grid) -> torch.Tensor:
     return first.scatter_reduce(1, cid, cand, reduce="amin")
 
 
+def random_cells_dst(grid: Grid, batch: int, generator, device) -> torch.Tensor:
+    """(B, n_cells) one token per cell drawn at random (ToMeSD's draw, shared by the batch)."""
+    n = grid.n
+    is_dst = random_cell_dst(grid, generator, device=device)
+    token = torch.where(is_dst, torch.arange(n, device=device), n)
+    dst = torch.full((grid.n_cells,), n, device=device, dtype=torch.long)
+    return dst.scatter_reduce(0, grid.cell_id, token, reduce="amin").expand(batch, -1)
+
+
 def select_cells(flatness: torch.Tensor, grid: Grid, budget: torch.Tensor) -> torch.Tensor:
     """Flattest cells first until ``budget`` (B,) tokens would be removed -> (B, n_cells) bool."""
     order = torch.argsort(flatness, dim=1, stable=True)
@@ -86,33 +94,64 @@ def select_cells(flatness: torch.Tensor, grid: Grid, budget: torch.Tensor) -> to
     return torch.zeros_like(chosen_sorted).scatter(1, order, chosen_sorted)
 
 
-def candidate_budget(flat, grid: Grid, budget, screen: float, rough: float) -> torch.Tensor:
-    """(B,) tokens the candidate cells may remove: ``screen`` times the budget, but never so
-    many that the roughest ``rough`` fraction of the mergeable tokens' cells is reached, unless
-    the budget itself needs them. Without the cap, ``screen=2`` makes every cell a candidate
-    once the rate passes 3/8 and nothing stays protected for being rough."""
+def candidate_budget(flat, grid: Grid, budget, screen: float | None, rough: float):
+    """(B,) tokens the candidate cells may remove: ``screen`` times the budget (every cell when
+    None), but never so many that the roughest ``rough`` fraction of the mergeable tokens'
+    cells is reached, unless the budget itself needs them."""
     gain = (grid.cell_count - 1).clamp(min=0).to(flat.dtype)
     total = torch.where(torch.isfinite(flat), gain[None], 0).sum(1)
     cap = (1 - rough) * total
-    return torch.maximum(budget.to(flat.dtype), torch.minimum(budget * screen, cap))
-
-
-def _finite_mean(x: torch.Tensor) -> torch.Tensor:
-    finite = torch.isfinite(x)
-    return torch.where(finite, x, 0).sum(1) / finite.sum(1).clamp(min=1)
+    wide = cap if screen is None else torch.minimum(budget * screen, cap)
+    return torch.maximum(budget.to(flat.dtype), wide)
 
 
 def _proximity(protect: torch.Tensor, grid: Grid, scale: float) -> torch.Tensor:
-    """(n_cells,) in (0, 1]: exp(-distance to the prompt region's box / (scale * grid side))."""
+    """(N,) in (0, 1]: exp(-distance to the prompt region's box / (scale * grid side)), the
+    largest in each token's cell."""
     rows = torch.nonzero(protect.any(1)).squeeze(1)
     cols = torch.nonzero(protect.any(0)).squeeze(1)
     y0, y1, x0, x1 = rows[0], rows[-1], cols[0], cols[-1]
     dy = torch.clamp(torch.maximum(y0 - grid.rows, grid.rows - y1), min=0).float()
     dx = torch.clamp(torch.maximum(x0 - grid.cols, grid.cols - x1), min=0).float()
-    d = torch.sqrt(dx * dx + dy * dy)
-    near = torch.exp(-d / (scale * max(grid.height, grid.width)))
-    out = torch.zeros(grid.n_cells, device=protect.device)
-    return out.scatter_reduce(0, grid.cell_id, near, reduce="amax")
+    near = torch.exp(-torch.sqrt(dx * dx + dy * dy) / (scale * max(grid.height, grid.width)))
+    cell = torch.zeros(grid.n_cells, device=protect.device)
+    cell = cell.scatter_reduce(0, grid.cell_id, near, reduce="amax")
+    return cell[grid.cell_id]
+
+
+def neighbour_match(f, cell_dst, chosen, grid: Grid):
+    """Each token's most similar destination among the chosen cells its 3x3 neighbourhood
+    touches: its own cell and the cells beside, above or below and diagonal to it on the side
+    of the cell it sits on (2x2 cells: exactly those four), in its own window.
+
+    ``f`` (B, N, C) normalised features, ``cell_dst`` (B, n_cells), ``chosen`` (B, n_cells).
+    Returns (destination (B, N), similarity (B, N)); -inf where no chosen cell is in reach.
+    """
+    b, n, c = f.shape
+    rows, cols = grid.rows, grid.cols
+    # the side of its cell a token sits on: up/left on the first row/column of a cell
+    dy = torch.where((rows % grid.win) % grid.cell == 0, -1, 1)
+    dx = torch.where((cols % grid.win) % grid.cell == 0, -1, 1)
+    flat = f.reshape(b * n, c)
+    offs = torch.arange(b, device=f.device)[:, None] * n
+    best_sim = torch.full((b, n), -INF, device=f.device, dtype=f.dtype)
+    best_dst = torch.arange(n, device=f.device).expand(b, -1).clone()
+    for sy, sx in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        r, col = rows + sy * dy, cols + sx * dx
+        inside = (r >= 0) & (r < grid.height) & (col >= 0) & (col < grid.width)
+        j = torch.where(inside, r.clamp(0, grid.height - 1) * grid.width, 0)
+        j = j + torch.where(inside, col.clamp(0, grid.width - 1), 0)
+        ok = inside & (grid.window_id[j] == grid.window_id)
+        cell = grid.cell_id[j].expand(b, -1)
+        ok = ok[None] & chosen.gather(1, cell)
+        cand = cell_dst.gather(1, cell)
+        partner = flat.index_select(0, (cand + offs).reshape(-1)).view(b, n, c)
+        # LayerNorm'd rows have norm sqrt(C): the dot product over C is the cosine similarity
+        sim = (f * partner).sum(-1).div_(c).masked_fill_(~ok, -INF)
+        better = sim > best_sim
+        best_sim = torch.where(better, sim, best_sim)
+        best_dst = torch.where(better, cand, best_dst)
+    return best_dst, best_sim
 
 
 def structsam_merge(
@@ -122,18 +161,23 @@ def structsam_merge(
     protect: torch.Tensor | None = None,
     *,
     energy: str = "dirichlet",
-    prompt_focus: float = 6.0,
+    match: str = "neighbours",
+    destination: str = "random",
+    prompt_focus: float = 0.2,
     focus_scale: float = 0.3,
     coarse: int = 1,
     metric_dim: int | None = None,
-    screen: float = 2.0,
-    rough: float = 0.05,
+    screen: float | None = None,
+    rough: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, W, C) features -> (dst (B, N), protected (B, N) bool). See the module docstring."""
-    b = feat.shape[0]
-    n = grid.n
-    dev = feat.device
+    if match not in ("neighbours", "cell") or destination not in ("random", "energy"):
+        raise ValueError(
+            f"structsam: match={match!r} (neighbours, cell), destination={destination!r} "
+            "(random, energy)"
+        )
+    b, n, dev = feat.shape[0], grid.n, feat.device
     c = feat.shape[-1]
     if metric_dim and c > metric_dim and c % metric_dim == 0:
         # ToMe-style head mean: energy and similarity on a few channels cost a fraction
@@ -141,57 +185,76 @@ def structsam_merge(
     fn = normalise(feat)
     e = token_energy(fn, energy, normalised=True).reshape(b, n)
     flat = cell_flatness(e, grid)
-    if protect is not None:
+    near = None
+    if protect is not None and protect.any():
         touched = torch.zeros(grid.n_cells, dtype=torch.bool, device=dev)
         touched[grid.cell_id[protect.reshape(-1)]] = True
         flat = flat.masked_fill(touched[None], INF)
-        if prompt_focus > 0 and protect.any():
-            flat = (
-                flat
-                + prompt_focus
-                * _proximity(protect, grid, focus_scale)[None]
-                * (_finite_mean(flat)[:, None])
-            )
+        if prompt_focus > 0:
+            near = prompt_focus * _proximity(protect, grid, focus_scale)
     budget = torch.full((b,), round(rate * n), device=dev)
-    chosen = select_cells(flat, grid, candidate_budget(flat, grid, budget, screen, rough))
-    cell_dst = cell_argmin(e, grid)  # (B, n_cells)
+    if screen is None and rough <= 0:
+        chosen = torch.isfinite(flat)  # no flatness screen: every cell that can merge
+    else:
+        chosen = select_cells(flat, grid, candidate_budget(flat, grid, budget, screen, rough))
+    if destination == "random":
+        cell_dst = random_cells_dst(grid, b, generator, dev)
+    else:
+        cell_dst = cell_argmin(e, grid)
+    dst = _merge_sources(fn.reshape(b, n, -1), cell_dst, chosen, grid, budget, match, near)
+    whole = _whole_cells(dst, cell_dst, chosen, grid)
+    for level in range(1, int(coarse) + 1):
+        dst = _coarsen(dst, whole, e, grid, grid.cell * 2**level)
+    # a source's destination may have joined a coarse group: follow it there
+    return dst.gather(1, dst), ~chosen.gather(1, grid.cell_id.expand(b, -1))
 
-    idx = torch.arange(n, device=dev).expand(b, -1)
+
+def _merge_sources(f, cell_dst, chosen, grid: Grid, budget, match: str, near):
+    """(B, N) destination of every token: the ``budget`` most similar sources merge (their
+    similarity lowered by ``prompt_focus`` near the prompt), every other token keeps itself."""
+    b, n, c = f.shape
+    idx = torch.arange(n, device=f.device).expand(b, -1)
     cid = grid.cell_id.expand(b, -1)
-    own_dst = cell_dst.gather(1, cid)
-    is_src = chosen.gather(1, cid) & (own_dst != idx)
-
-    # Rank sources by similarity to their destination; merge the most similar within budget.
-    # LayerNorm'd rows have norm sqrt(C): the dot product over C is the cosine similarity
-    f = fn.reshape(b * n, -1)
-    # a row gather: 5.2 ms against 7.2 ms for gather() with an index expanded over channels
-    # (16384 x 128 tokens, the first LiteMedSAM stage)
-    offs = torch.arange(b, device=dev)[:, None] * n
-    partner = f.index_select(0, (own_dst + offs).reshape(-1))
-    sim = (f * partner).sum(-1).view(b, n) / f.shape[-1]
+    own = cell_dst.gather(1, cid)
+    is_src = chosen.gather(1, cid) & (own != idx)
+    if match == "neighbours":
+        target, sim = neighbour_match(f, cell_dst, chosen, grid)
+    else:
+        # a row gather: 5.2 ms against 7.2 ms for gather() with an index expanded over
+        # channels (16384 x 128 tokens, the first LiteMedSAM stage)
+        offs = torch.arange(b, device=f.device)[:, None] * n
+        partner = f.reshape(b * n, c).index_select(0, (own + offs).reshape(-1)).view(b, n, c)
+        target, sim = own, (f * partner).sum(-1) / c
+    if near is not None:  # the prompt focus: far background first
+        sim = sim - near[None]
     sim = sim.masked_fill(~is_src, -INF)
     order = torch.argsort(sim, dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, idx)
-    merged = is_src & (rank < budget[:, None])
-    dst = torch.where(merged, own_dst, idx)
-    tok_chosen = chosen.gather(1, cid)
-    # coarsening takes only cells whose every source merged (all of them when screen is 1)
-    unmerged_src = torch.zeros(b, grid.n_cells, device=dev)
-    unmerged_src = unmerged_src.scatter_reduce(1, cid, (is_src & ~merged).float(), reduce="amax")
-    whole = (chosen & (unmerged_src < 0.5)).gather(1, cid)
-    for level in range(1, int(coarse) + 1):
-        dst = _coarsen(dst, whole, e, grid, grid.cell * 2**level)
-    return dst, ~tok_chosen
+    return torch.where(is_src & (rank < budget[:, None]), target, idx)
 
 
-def _coarsen(dst, tok_chosen, energy, grid: Grid, size: int):
-    """Merge each size x size block whose 2x2 cells were all chosen into one group (its
+def _whole_cells(dst, cell_dst, chosen, grid: Grid) -> torch.Tensor:
+    """(B, N) bool: the token's cell was chosen and every one of its sources merged into the
+    cell's own destination, so the cell is one group (a source that went to a neighbouring
+    cell may sit across an edge from the rest of its cell)."""
+    b, n = dst.shape
+    idx = torch.arange(n, device=dst.device).expand(b, -1)
+    cid = grid.cell_id.expand(b, -1)
+    own = cell_dst.gather(1, cid)
+    left = (own != idx) & (dst != own)  # a source that stayed, or went to another cell
+    stayed = torch.zeros(b, grid.n_cells, device=dst.device)
+    stayed = stayed.scatter_reduce(1, cid, left.float(), reduce="amax")
+    return (chosen & (stayed < 0.5)).gather(1, cid)
+
+
+def _coarsen(dst, whole, energy, grid: Grid, size: int):
+    """Merge each size x size block whose 2x2 cells all merged whole into one group (its
     lowest-energy token): wide flat areas give up 15 of 16 tokens (4x4) instead of 3 of 4."""
     g4 = grid.with_cell(size)
     b = dst.shape[0]
     sid = g4.cell_id.expand(b, -1)
-    whole = torch.ones(b, g4.n_cells, device=dst.device)
-    whole = whole.scatter_reduce(1, sid, tok_chosen.float(), reduce="amin") > 0.5
-    whole &= (g4.cell_count > (size // 2) ** 2)[None]
+    block = torch.ones(b, g4.n_cells, device=dst.device)
+    block = block.scatter_reduce(1, sid, whole.float(), reduce="amin") > 0.5
+    block &= (g4.cell_count > (size // 2) ** 2)[None]
     sup_dst = cell_argmin(energy, g4).gather(1, sid)
-    return torch.where(whole.gather(1, sid), sup_dst, dst)
+    return torch.where(block.gather(1, sid), sup_dst, dst)
