@@ -133,6 +133,10 @@ class PanelMixin:
         self.show_mask = QCheckBox("mask")
         self.show_merge = QCheckBox("merge map")
         self.show_protected = QCheckBox("protected cells")
+        self.show_protected.setToolTip(
+            "Outline of the tokens the merge left alone: the prompt region in prompt-aware "
+            "mode (StructSAM protects nothing else by default)"
+        )
         for i, check in enumerate((self.show_mask, self.show_merge, self.show_protected)):
             check.setChecked(True)
             grid.addWidget(check, 0, i)
