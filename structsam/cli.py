@@ -680,7 +680,8 @@ def build_parser(extra_commands=()) -> argparse.ArgumentParser:
         "--seeds",
         type=int,
         default=1,
-        help="seeds of a randomized method (ToMeSD, VidToMe, random), averaged per prompt",
+        help="seeds of a randomized method (StructSAM, ToMeSD, VidToMe, random), averaged "
+        "per prompt",
     )
     be.add_argument(
         "--cache", default=None, help="dense-pass cache folder (default OUT/dense_cache)"
