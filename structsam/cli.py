@@ -260,8 +260,14 @@ def cmd_speed(args) -> int:
 
     import torch
 
+    from .merge import METHODS
     from .speed import speed_report, speed_table
 
+    if args.method not in METHODS:  # before any model is loaded
+        raise StructSAMError(
+            f"--method {args.method!r}: speed times a method by name ({', '.join(METHODS)}); "
+            "options such as NAME[key=value] are for `structsam bench`"
+        )
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,15 @@ def test_speed_command_smoke(tmp_path):
         assert "(no bf16 instructions)" in text or "bf16)" in text
 
 
+def test_speed_refuses_a_method_spec_before_loading_a_model(capsys, tmp_path):
+    from structsam.cli import main
+
+    args = ["speed", "--method", "structsam[screen=2]", "--out", str(tmp_path / "s")]
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert "speed times a method by name" in err and "Traceback" not in err
+
+
 def test_steady_allocator_takes_effect_under_glibc():
     import platform
 
