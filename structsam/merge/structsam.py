@@ -132,7 +132,7 @@ def neighbour_match(f, cell_dst, chosen, grid: Grid):
     # the side of its cell a token sits on: up/left on the first row/column of a cell
     dy = torch.where((rows % grid.win) % grid.cell == 0, -1, 1)
     dx = torch.where((cols % grid.win) % grid.cell == 0, -1, 1)
-    flat = f.reshape(b * n, c)
+    rows_of = f.reshape(b * n, c)  # one row per token of the batch
     offs = torch.arange(b, device=f.device)[:, None] * n
     best_sim = torch.full((b, n), -INF, device=f.device, dtype=f.dtype)
     best_dst = torch.arange(n, device=f.device).expand(b, -1).clone()
@@ -145,7 +145,7 @@ def neighbour_match(f, cell_dst, chosen, grid: Grid):
         cell = grid.cell_id[j].expand(b, -1)
         ok = ok[None] & chosen.gather(1, cell)
         cand = cell_dst.gather(1, cell)
-        partner = flat.index_select(0, (cand + offs).reshape(-1)).view(b, n, c)
+        partner = rows_of.index_select(0, (cand + offs).reshape(-1)).view(b, n, c)
         # LayerNorm'd rows have norm sqrt(C): the dot product over C is the cosine similarity
         sim = (f * partner).sum(-1).div_(c).masked_fill_(~ok, -INF)
         better = sim > best_sim
