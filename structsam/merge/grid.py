@@ -90,6 +90,25 @@ class Grid:
         cy, cx = self.cell_rc()
         return cy * self.cells_x + cx
 
+    @cached_property
+    def neighbour_cells(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(4, N) cell ids and (4, N) bool: the cells a token's 3x3 neighbourhood touches, in
+        order its own cell, the one above or below, beside, and diagonal, on the side of the
+        cell the token sits on (2x2 cells: exactly these four); False where that cell is off
+        the grid or in another window."""
+        rows, cols = self.rows, self.cols
+        # up/left for a token on the first row/column of its cell, else down/right
+        dy = torch.where((rows % self.win) % self.cell == 0, -1, 1)
+        dx = torch.where((cols % self.win) % self.cell == 0, -1, 1)
+        cells, valid = [], []
+        for sy, sx in ((0, 0), (1, 0), (0, 1), (1, 1)):
+            r, c = rows + sy * dy, cols + sx * dx
+            inside = (r >= 0) & (r < self.height) & (c >= 0) & (c < self.width)
+            j = torch.where(inside, r * self.width + c, 0)
+            cells.append(self.cell_id[j])
+            valid.append(inside & (self.window_id[j] == self.window_id))
+        return torch.stack(cells), torch.stack(valid)
+
     @property
     def n_cells(self) -> int:
         return self.cells_y * self.cells_x

@@ -128,22 +128,14 @@ def neighbour_match(f, cell_dst, chosen, grid: Grid):
     Returns (destination (B, N), similarity (B, N)); -inf where no chosen cell is in reach.
     """
     b, n, c = f.shape
-    rows, cols = grid.rows, grid.cols
-    # the side of its cell a token sits on: up/left on the first row/column of a cell
-    dy = torch.where((rows % grid.win) % grid.cell == 0, -1, 1)
-    dx = torch.where((cols % grid.win) % grid.cell == 0, -1, 1)
     rows_of = f.reshape(b * n, c)  # one row per token of the batch
     offs = torch.arange(b, device=f.device)[:, None] * n
     best_sim = torch.full((b, n), -INF, device=f.device, dtype=f.dtype)
     best_dst = torch.arange(n, device=f.device).expand(b, -1).clone()
-    for sy, sx in ((0, 0), (1, 0), (0, 1), (1, 1)):
-        r, col = rows + sy * dy, cols + sx * dx
-        inside = (r >= 0) & (r < grid.height) & (col >= 0) & (col < grid.width)
-        j = torch.where(inside, r.clamp(0, grid.height - 1) * grid.width, 0)
-        j = j + torch.where(inside, col.clamp(0, grid.width - 1), 0)
-        ok = inside & (grid.window_id[j] == grid.window_id)
-        cell = grid.cell_id[j].expand(b, -1)
-        ok = ok[None] & chosen.gather(1, cell)
+    # geometry kept with the grid (the engine keeps its grids across forwards)
+    for cell, inside in zip(*grid.neighbour_cells, strict=True):
+        cell = cell.expand(b, -1)
+        ok = inside[None] & chosen.gather(1, cell)
         cand = cell_dst.gather(1, cell)
         partner = rows_of.index_select(0, (cand + offs).reshape(-1)).view(b, n, c)
         # LayerNorm'd rows have norm sqrt(C): the dot product over C is the cosine similarity
